@@ -1,0 +1,33 @@
+# so8t_hf developer entry points. `make test` and `make demo` install what they need themselves.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# On a machine without an NVIDIA GPU, pin the CPU build of torch (a wider range pulls a multi-GB CUDA build).
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup test test-gpu demo env clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "$(TORCH_CPU)"; fi
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+test-gpu: setup
+	$(PY) -m pytest -q -ra -m gpu tests
+
+demo: setup
+	$(PY) -m accelerate.commands.launch --num_processes 1 --cpu recipes/thinking_sft.py --config recipes/configs/tiny.yaml --output_dir outputs/demo
+
+env: setup
+	$(VENV)/bin/so8t-hf env
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,225 @@
+"""SO8T-Phi3: config errors, identity load of a stock Phi-3, the rotation maths, merge, remote-code save/load."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TINY, random_ids, randomize_rotations, tiny_phi3, tiny_so8t
+from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3ForCausalLM
+
+from so8t_hf import So8Rotation, So8tPhi3Config, So8tPhi3ForCausalLM, merge_so8t_rotations, rotation_health
+from so8t_hf.rotation import blockdiag_rotation
+
+REPO = Path(__file__).resolve().parents[1]
+PHI35_TOKENIZER = Path(os.environ.get("SO8T_PHI35_TOKENIZER", REPO.parent / "shared/fixtures/phi35-tokenizer"))
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(hidden_size=60, num_attention_heads=4, num_key_value_heads=2), "hidden_size=60"),
+        (dict(hidden_size=64, num_attention_heads=16, num_key_value_heads=8), "head dim"),
+        (dict(so8t_layers=[0, 2]), "so8t_layers contains 2"),
+        (dict(so8t_layers=[-3]), "so8t_layers contains -3"),
+        (dict(so8t_layers="some"), "so8t_layers='some'"),
+        (dict(so8t_attn_backend="cuda_magic"), "so8t_attn_backend='cuda_magic'"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(Exception, match=field.replace("[", r"\[").replace("(", r"\(")):
+        So8tPhi3Config(**{**TINY, **overrides})
+
+
+def test_layer_selection():
+    assert So8tPhi3Config(**TINY).so8t_layer_indices() == [0, 1]
+    assert So8tPhi3Config(**TINY, so8t_layers=[-1]).so8t_layer_indices() == [1]
+    model = tiny_so8t(so8t_layers=[1])
+    names = [n for n, _ in model.named_parameters() if "so8" in n]
+    assert names == ["model.layers.1.self_attn.so8_rotation.theta"]
+    assert model.model.layers[1].self_attn.so8_rotation.theta.shape == (8, 8, 8)  # (hidden/8, 8, 8)
+
+
+# ----------------------------------------------------------------------------------------- rotation
+
+
+def test_rotation_is_orthogonal_with_det_one():
+    rotation = So8Rotation(64)
+    with torch.no_grad():
+        rotation.theta.copy_(torch.randn(8, 8, 8) * 2.0)
+    r = rotation.rotation_matrices()
+    assert rotation.orthogonality_error() < 1e-6
+    torch.testing.assert_close(torch.linalg.det(r), torch.ones(8, dtype=r.dtype), atol=1e-10, rtol=0)
+    assert rotation.angle_norm() > 1.0
+
+
+def test_rotation_acts_per_8_block_as_x_at_R():
+    rotation = So8Rotation(32)
+    with torch.no_grad():
+        rotation.theta.copy_(torch.randn(4, 8, 8))
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    r = rotation.rotation_matrices()
+    expected = torch.cat([x[..., 8 * b : 8 * b + 8] @ r[b] for b in range(4)], dim=-1)
+    torch.testing.assert_close(rotation(x), expected)
+    torch.testing.assert_close(rotation(x), x @ blockdiag_rotation(rotation))
+
+
+def test_rotation_gradcheck_float64():
+    rotation = So8Rotation(16).double()
+    theta = (torch.randn(2, 8, 8, dtype=torch.float64) * 0.5).requires_grad_(True)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+
+    def rotate(inp, generators):
+        return torch.func.functional_call(rotation, {"theta": generators}, (inp,))
+
+    assert torch.autograd.gradcheck(rotate, (x, theta))
+
+
+def test_rotation_health_reports_identity_at_init():
+    health = rotation_health(tiny_so8t())
+    assert health["so8_angle_norm"] == 0.0
+    assert health["so8_orthogonality_error"] < 1e-6
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def test_stock_phi3_loads_with_identity_rotation_and_same_logits(tmp_path, caplog, capfd):
+    stock = tiny_phi3(seed=3)
+    stock.save_pretrained(tmp_path)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="so8t_hf"):
+        model = So8tPhi3ForCausalLM.from_pretrained(tmp_path, so8t_layers=[0, 1]).eval()
+    ids = random_ids(2, 19)
+    with torch.no_grad():
+        diff = (stock(ids).logits - model(ids).logits).abs().max().item()
+    assert diff <= 1e-5
+    for rotation in model.so8_rotations().values():
+        assert torch.count_nonzero(rotation.theta) == 0
+    new_param_logs = [r.getMessage() for r in caplog.records if "SO(8) rotation generators" in r.getMessage()]
+    assert new_param_logs == ["SO8T: 2 new SO(8) rotation generators (self_attn.so8_rotation.theta, layers 0, 1) initialised to identity."]
+    stderr = capfd.readouterr().err
+    assert "to instantiate a model of type" not in stderr
+    assert "newly initialized" not in stderr and "MISSING" not in stderr
+
+
+def test_save_writes_auto_map_and_modeling_files(tmp_path):
+    model = tiny_so8t()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "so8t_phi3"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_so8t_phi3.So8tPhi3Config",
+        "AutoModelForCausalLM": "modeling_so8t_phi3.So8tPhi3ForCausalLM",
+    }
+    assert (tmp_path / "configuration_so8t_phi3.py").read_text() == (REPO / "modeling/configuration_so8t_phi3.py").read_text()
+    assert (tmp_path / "modeling_so8t_phi3.py").read_text() == (REPO / "modeling/modeling_so8t_phi3.py").read_text()
+
+
+REMOTE_LOAD = """
+import sys
+sys.modules["so8t_hf"] = None  # this process cannot import the project
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__name__ == "So8tPhi3ForCausalLM", type(model)
+assert "so8t_hf" not in type(model).__module__, type(model).__module__
+ids, expected = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(ids).logits
+print("MAXDIFF", (logits - expected).abs().max().item())
+"""
+
+
+def run_isolated(code: str, *args: str, tmp_path: Path) -> str:
+    """Run python code in a fresh process where `so8t_hf` is not importable (offline, own module cache)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_remote_code_load_in_a_process_without_so8t_hf(tmp_path):
+    model = tiny_so8t(seed=5)
+    randomize_rotations(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = random_ids(2, 13)
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save((ids, expected), tmp_path / "expected.pt")
+    out = run_isolated(REMOTE_LOAD, str(tmp_path / "ckpt"), str(tmp_path / "expected.pt"), tmp_path=tmp_path)
+    assert float(out.split("MAXDIFF")[1]) == 0.0
+
+
+def test_trained_rotation_round_trips_through_save(tmp_path):
+    model = tiny_so8t(seed=2)
+    randomize_rotations(model)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    for layer, rotation in model.so8_rotations().items():
+        torch.testing.assert_close(loaded.so8_rotations()[layer].theta, rotation.theta, rtol=0, atol=0)
+    ids = random_ids(1, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------- merge
+
+
+def test_merge_gives_plain_phi3_with_equal_logits(tmp_path):
+    model = tiny_so8t(seed=7)
+    randomize_rotations(model, scale=0.5)
+    plain = merge_so8t_rotations(model)
+    assert type(plain) is Phi3ForCausalLM and plain.config.model_type == "phi3"
+    assert not any("so8" in n for n, _ in plain.named_parameters())
+    ids = random_ids(2, 23)
+    with torch.no_grad():
+        ref = model(ids).logits
+        merged = plain(ids).logits
+    assert ((merged - ref).norm() / ref.norm()).item() <= 1e-4
+    # the rotation changed the function, so the merge is not vacuous
+    w_before = model.model.layers[0].self_attn.o_proj.weight
+    assert not torch.allclose(plain.model.layers[0].self_attn.o_proj.weight, w_before)
+    # the wrong formula W_o @ R would not match
+    r = blockdiag_rotation(model.so8_rotations()[0]).float()
+    torch.testing.assert_close(plain.model.layers[0].self_attn.o_proj.weight, w_before @ r.T, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain.model.layers[0].self_attn.o_proj.weight, w_before @ r, atol=1e-4)
+
+    plain.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "phi3" and "auto_map" not in config and "so8t_layers" not in config
+    assert not list(tmp_path.glob("*.py"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no remote code
+    assert type(reloaded) is Phi3ForCausalLM
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, merged, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------- real tokenizer
+
+
+@pytest.mark.skipif(not PHI35_TOKENIZER.is_dir(), reason=f"Phi-3.5 tokenizer fixture not found at {PHI35_TOKENIZER}")
+def test_round_trip_with_real_phi35_tokenizer(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(PHI35_TOKENIZER)
+    model = tiny_so8t(seed=4, vocab_size=32064, pad_token_id=32000, eos_token_id=32000)
+    randomize_rotations(model)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    text = "<|user|>\nSO(8) の回転とは何ですか? What is a rotation?<|end|>\n<|assistant|>\n"
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    model2 = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.tolist() == tok2(text, return_tensors="pt").input_ids.tolist()
+    assert 32010 in ids[0].tolist() and 32001 in ids[0].tolist()  # <|user|>, <|assistant|> are single tokens
+    assert tok2.decode(ids[0], skip_special_tokens=True) == "SO(8) の回転とは何ですか? What is a rotation?"
+    with torch.no_grad():
+        torch.testing.assert_close(model2(ids).logits, model(ids).logits, rtol=0, atol=0)
