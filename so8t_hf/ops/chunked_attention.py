@@ -15,6 +15,10 @@ import torch
 DEFAULT_CHUNK = 256
 
 
+def _accumulation_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _tile_keep(i0, i1, j0, j1, causal_offset, segments, keep_mask, device):
     """Boolean keep-mask of one tile, broadcastable to (B, Hkv, G, Cq, Ck), or None for "keep all"."""
     keep = None
@@ -45,18 +49,19 @@ class ChunkedAttention(torch.autograd.Function):
         bsz, heads, q_len, dim = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
         groups = heads // kv_heads
+        acc_dtype = _accumulation_dtype(q)
         qg = q.view(bsz, kv_heads, groups, q_len, dim)  # (B, Hkv, G, T, D)
-        out = torch.empty_like(qg, dtype=torch.float32)
-        lse = torch.empty(bsz, kv_heads, groups, q_len, device=q.device, dtype=torch.float32)
+        out = torch.empty_like(qg, dtype=acc_dtype)
+        lse = torch.empty(bsz, kv_heads, groups, q_len, device=q.device, dtype=acc_dtype)
         for i0 in range(0, q_len, chunk):
             i1 = min(i0 + chunk, q_len)
-            qc = qg[..., i0:i1, :].float()
-            row_max = torch.full(qc.shape[:-1], float("-inf"), device=q.device)
+            qc = qg[..., i0:i1, :].to(acc_dtype)
+            row_max = torch.full(qc.shape[:-1], float("-inf"), device=q.device, dtype=acc_dtype)
             row_sum = torch.zeros_like(row_max)
             acc = torch.zeros_like(qc)
             for j0 in _key_range(i0, i1, kv_len, chunk, causal_offset):
                 j1 = min(j0 + chunk, kv_len)
-                kc, vc = k[:, :, None, j0:j1].float(), v[:, :, None, j0:j1].float()  # (B, Hkv, 1, Ck, D)
+                kc, vc = k[:, :, None, j0:j1].to(acc_dtype), v[:, :, None, j0:j1].to(acc_dtype)  # (B, Hkv, 1, Ck, D)
                 scores = qc @ kc.transpose(-1, -2) * scale  # (B, Hkv, G, Cq, Ck)
                 keep = _tile_keep(i0, i1, j0, j1, causal_offset, segments, keep_mask, q.device)
                 if keep is not None:
@@ -84,19 +89,20 @@ class ChunkedAttention(torch.autograd.Function):
         bsz, heads, q_len, dim = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
         groups = heads // kv_heads
+        acc_dtype = _accumulation_dtype(q)
         qg = q.view(bsz, kv_heads, groups, q_len, dim)
         dout = grad_out.reshape(bsz, kv_heads, groups, q_len, dim)
-        delta = (dout.float() * out.float()).sum(-1)  # (B, Hkv, G, T)
-        dq = torch.zeros_like(qg, dtype=torch.float32)
-        dk = torch.zeros_like(k, dtype=torch.float32)
-        dv = torch.zeros_like(v, dtype=torch.float32)
+        delta = (dout.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # (B, Hkv, G, T)
+        dq = torch.zeros_like(qg, dtype=acc_dtype)
+        dk = torch.zeros_like(k, dtype=acc_dtype)
+        dv = torch.zeros_like(v, dtype=acc_dtype)
         for i0 in range(0, q_len, chunk):
             i1 = min(i0 + chunk, q_len)
-            qc, doc = qg[..., i0:i1, :].float(), dout[..., i0:i1, :].float()
+            qc, doc = qg[..., i0:i1, :].to(acc_dtype), dout[..., i0:i1, :].to(acc_dtype)
             lse_c, delta_c = lse[..., i0:i1, None], delta[..., i0:i1, None]
             for j0 in _key_range(i0, i1, kv_len, chunk, causal_offset):
                 j1 = min(j0 + chunk, kv_len)
-                kc, vc = k[:, :, None, j0:j1].float(), v[:, :, None, j0:j1].float()
+                kc, vc = k[:, :, None, j0:j1].to(acc_dtype), v[:, :, None, j0:j1].to(acc_dtype)
                 scores = qc @ kc.transpose(-1, -2) * scale
                 keep = _tile_keep(i0, i1, j0, j1, causal_offset, segments, keep_mask, q.device)
                 if keep is not None:
