@@ -32,6 +32,7 @@ def blockdiag_rotation(rotation: So8Rotation) -> torch.Tensor:
 def rotation_health(model: torch.nn.Module) -> dict[str, float]:
     """Max orthogonality error and total generator norm over all SO(8) rotations (logged per step)."""
     rotations = list(so8_rotations(model).values())
+    rotations = [r for r in rotations if r.theta.requires_grad] or rotations  # PEFT keeps a frozen original copy
     if not rotations:
         return {}
     return {

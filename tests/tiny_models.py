@@ -41,3 +41,23 @@ def randomize_rotations(model, scale: float = 0.3, seed: int = 1) -> None:
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=gen)
+
+
+def tiny_tokenizer(vocab_size: int = TINY["vocab_size"]):
+    """A word-level tokenizer over "w3".."w{vocab-1}" with <pad>=0, <s>=1, </s>=2 (no files, no Hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def token_dataset(rows: int = 16, min_len: int = 8, max_len: int = 20, seed: int = 0):
+    """A pre-tokenised `datasets.Dataset` of random sequences (column `input_ids`)."""
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (rows,), generator=gen).tolist()
+    return Dataset.from_dict({"input_ids": [torch.randint(3, TINY["vocab_size"], (n,), generator=gen).tolist() for n in lengths]})
