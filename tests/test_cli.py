@@ -1,0 +1,43 @@
+"""`so8t-hf` command line: env report and export to a plain Phi-3."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from tiny_models import random_ids, randomize_rotations, tiny_so8t
+from transformers import AutoModelForCausalLM, Phi3ForCausalLM
+
+from so8t_hf.cli import main
+
+
+def test_env_json_reports_versions_backends_and_missing(capsys):
+    assert main(["env", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["versions"]["torch"] == torch.__version__
+    choices = {case: backend for case, backend, _ in report["auto_backend"]}
+    if not torch.cuda.is_available():
+        assert report["gpus"] == []
+        assert choices == {"dense causal batch": "sdpa", "packed padding-free rows": "chunked", "padded batch (generation)": "sdpa"}
+    for name in ("flash-attn", "bitsandbytes"):
+        if report["versions"][name] is None:
+            assert name in report["missing"]
+
+
+def test_env_console_script_prints_the_backend_table():
+    out = subprocess.run([sys.executable, "-m", "so8t_hf.cli", "env"], capture_output=True, text=True, check=True).stdout
+    assert 'attention backend chosen by so8t_attn_backend="auto":' in out
+    assert "packed padding-free rows" in out
+
+
+def test_export_writes_a_plain_phi3_with_equal_logits(tmp_path):
+    model = tiny_so8t(seed=9)
+    randomize_rotations(model)
+    model.save_pretrained(tmp_path / "so8t")
+    assert main(["export", "--model", str(tmp_path / "so8t"), "--output", str(tmp_path / "plain"), "--dtype", "float32"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert type(plain) is Phi3ForCausalLM
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        ref, got = model(ids).logits, plain(ids).logits
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-4
