@@ -187,7 +187,7 @@ def dense_keep_mask(q_len, kv_len, segments, keep_mask, device):
 # Each takes q (B, H, T, D), k/v (B, Hkv, S, D) and returns (B, T, H, D).
 
 
-def _eager(q, k, v, scale, segments, keep_mask, dropout):
+def _eager(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, T, S)
@@ -198,7 +198,7 @@ def _eager(q, k, v, scale, segments, keep_mask, dropout):
     return (probs @ v).transpose(1, 2)
 
 
-def _sdpa(q, k, v, scale, segments, keep_mask, dropout):
+def _sdpa(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
     q_len, kv_len = q.shape[2], k.shape[2]
     if keep_mask is None and segments is None and (q_len == kv_len or q_len == 1):
         out = F.scaled_dot_product_attention(
@@ -213,7 +213,7 @@ def _sdpa(q, k, v, scale, segments, keep_mask, dropout):
     return out.transpose(1, 2)
 
 
-def _chunked(q, k, v, scale, segments, keep_mask, dropout):
+def _chunked(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
     return chunked_attention(q, k, v, scale=scale, causal=keep_mask is None, segments=segments, keep_mask=keep_mask).transpose(1, 2)
 
 
@@ -239,7 +239,7 @@ def _padding_as_segments(keep_mask: torch.Tensor, q_len: int, kv_len: int):
 
 
 def _flash_like(fa_func, fa_varlen_func, name):
-    def forward(q, k, v, scale, segments, keep_mask, dropout):
+    def forward(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
         bsz, heads, q_len, dim = q.shape
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D)
         if keep_mask is None and segments is None:
@@ -256,7 +256,7 @@ def _flash_like(fa_func, fa_varlen_func, name):
             full = out.new_zeros(bsz * q_len, heads, dim)
             full[flat_valid] = out
             return full.view(bsz, q_len, heads, dim)
-        cu, max_len = _cu_seqlens(segments)
+        cu, max_len = varlen if varlen is not None else _cu_seqlens(segments)
         flat = lambda t: t.reshape(bsz * q_len, *t.shape[2:]).contiguous()  # noqa: E731
         out = fa_varlen_func(flat(qt), flat(kt), flat(vt), cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
         return out.view(bsz, q_len, heads, dim)
@@ -264,16 +264,16 @@ def _flash_like(fa_func, fa_varlen_func, name):
     return forward
 
 
-def _triton(q, k, v, scale, segments, keep_mask, dropout):
+def _triton(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
     from .ops import flash_attn_func, flash_attn_varlen_func
 
-    return _flash_like(flash_attn_func, flash_attn_varlen_func, "triton")(q, k, v, scale, segments, keep_mask, dropout)
+    return _flash_like(flash_attn_func, flash_attn_varlen_func, "triton")(q, k, v, scale, segments, keep_mask, dropout, varlen)
 
 
-def _flash_attn(q, k, v, scale, segments, keep_mask, dropout):
+def _flash_attn(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
-    return _flash_like(flash_attn_func, flash_attn_varlen_func, "flash_attn")(q, k, v, scale, segments, keep_mask, dropout)
+    return _flash_like(flash_attn_func, flash_attn_varlen_func, "flash_attn")(q, k, v, scale, segments, keep_mask, dropout, varlen)
 
 
 _BACKEND_FORWARD = {"flash_attn": _flash_attn, "triton": _triton, "sdpa": _sdpa, "chunked": _chunked, "eager": _eager}
@@ -294,7 +294,10 @@ def so8t_attention_forward(module, query, key, value, attention_mask, dropout=0.
     backend, reason = choose_backend(requested, query, keep_mask is not None, segments is not None, dropout)
     _record(backend, reason)
     scale = scaling if scaling is not None else dim**-0.5
-    out = _BACKEND_FORWARD[backend](query, key, value, scale, segments, keep_mask, dropout)
+    varlen = None
+    if segments is not None and kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
+        varlen = (kwargs["cu_seq_lens_q"].to(query.device, torch.int32), int(kwargs["max_length_q"]))  # no sync per layer
+    out = _BACKEND_FORWARD[backend](query, key, value, scale, segments, keep_mask, dropout, varlen)
     return out.contiguous(), None
 
 

@@ -1,6 +1,7 @@
 """The `so8t` attention: every backend equals eager (outputs and gradients) on causal, GQA, padded,
 packed and sliding-window batches; auto choice and its observability; the chunked kernel alone."""
 
+import contextlib
 import copy
 
 import pytest
@@ -230,3 +231,19 @@ def test_chunked_attention_segments_and_dense_mask_gradcheck():
     torch.testing.assert_close(out, _dense_reference(q, k, v, 8**-0.5, False, keep=keep))
     assert out[0, :, 0].abs().max() == 0
     assert torch.autograd.gradcheck(lambda a, b, c: chunked_attention(a, b, c, causal=False, keep_mask=keep, chunk=4), (q, k, v))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+def test_trl_padding_free_batch_equals_sequences_alone(backend):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    ref, test = _pair()
+    seqs = [random_ids(1, n, seed=40 + n)[0] for n in (9, 4, 12)]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": s.tolist()} for s in seqs])
+    assert "cu_seq_lens_q" in batch and "attention_mask" not in batch
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = torch.cat([ref(input_ids=s[None]).logits[0] for s in seqs])
+        with force_attention_backend(backend) if backend != "auto" else contextlib.nullcontext():
+            got = test(**inputs).logits[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
