@@ -137,6 +137,7 @@ class So8tPhi3PreTrainedModel(Phi3PreTrainedModel):
     config: So8tPhi3Config
     _no_split_modules = ["So8tPhi3DecoderLayer"]
     _keys_to_ignore_on_load_missing = [r"so8_rotation\.theta"]
+    _keep_in_fp32_modules_strict = ["so8_rotation"]  # generators stay fp32 under bf16 / fp16 / k-bit loading
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -223,3 +223,19 @@ def test_round_trip_with_real_phi35_tokenizer(tmp_path):
     assert tok2.decode(ids[0], skip_special_tokens=True) == "SO(8) の回転とは何ですか? What is a rotation?"
     with torch.no_grad():
         torch.testing.assert_close(model2(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_bf16_load_keeps_so8_generators_fp32(tmp_path):
+    model = tiny_so8t(seed=6)
+    randomize_rotations(model)
+    model.save_pretrained(tmp_path)
+    half = So8tPhi3ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert half.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    for rotation in half.so8_rotations().values():
+        assert rotation.theta.dtype == torch.float32
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        logits = half(ids).logits
+        ref = model(ids).logits
+    assert logits.dtype == torch.bfloat16
+    assert ((logits.float() - ref).norm() / ref.norm()).item() < 2e-2
