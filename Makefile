@@ -23,8 +23,11 @@ test: setup
 test-gpu: setup
 	$(PY) -m pytest -q -ra -m gpu tests
 
+DEMO_PROMPT ?= What is the boiling point of water at sea level?
 demo: setup
-	$(PY) -m accelerate.commands.launch --num_processes 1 --cpu recipes/thinking_sft.py --config recipes/configs/tiny.yaml --output_dir outputs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no recipes/thinking_sft.py --config recipes/configs/tiny.yaml --output_dir outputs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/so8t-hf chat --model outputs/demo/final --prompt "$(DEMO_PROMPT)"
 
 env: setup
 	$(VENV)/bin/so8t-hf env
