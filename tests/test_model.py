@@ -3,12 +3,11 @@
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from isolation import remote_load_max_diff
 from tiny_models import TINY, random_ids, randomize_rotations, tiny_phi3, tiny_so8t
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3ForCausalLM
 
@@ -123,31 +122,6 @@ def test_save_writes_auto_map_and_modeling_files(tmp_path):
     assert (tmp_path / "modeling_so8t_phi3.py").read_text() == (REPO / "modeling/modeling_so8t_phi3.py").read_text()
 
 
-REMOTE_LOAD = """
-import sys
-sys.modules["so8t_hf"] = None  # this process cannot import the project
-import torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-assert type(model).__name__ == "So8tPhi3ForCausalLM", type(model)
-assert "so8t_hf" not in type(model).__module__, type(model).__module__
-ids, expected = torch.load(sys.argv[2])
-with torch.no_grad():
-    logits = model(ids).logits
-print("MAXDIFF", (logits - expected).abs().max().item())
-"""
-
-
-def run_isolated(code: str, *args: str, tmp_path: Path) -> str:
-    """Run python code in a fresh process where `so8t_hf` is not importable (offline, own module cache)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def test_remote_code_load_in_a_process_without_so8t_hf(tmp_path):
     model = tiny_so8t(seed=5)
     randomize_rotations(model)
@@ -155,9 +129,7 @@ def test_remote_code_load_in_a_process_without_so8t_hf(tmp_path):
     ids = random_ids(2, 13)
     with torch.no_grad():
         expected = model(ids).logits
-    torch.save((ids, expected), tmp_path / "expected.pt")
-    out = run_isolated(REMOTE_LOAD, str(tmp_path / "ckpt"), str(tmp_path / "expected.pt"), tmp_path=tmp_path)
-    assert float(out.split("MAXDIFF")[1]) == 0.0
+    assert remote_load_max_diff(tmp_path / "ckpt", ids, expected, tmp_path) == 0.0
 
 
 def test_trained_rotation_round_trips_through_save(tmp_path):

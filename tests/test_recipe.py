@@ -1,0 +1,132 @@
+"""The thinking-SFT recipe end to end on CPU with tiny.yaml: outputs, remote-code final model, resume,
+config parsing, and the Hub push wrapper (offline)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from isolation import remote_load_max_diff
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+import thinking_sft  # noqa: E402
+
+FAST = [
+    "--config", str(REPO / "recipes/configs/tiny.yaml"),
+    "--dataset_path", str(REPO / "data/sample"),
+    "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
+    "--max_length", "256", "--per_device_train_batch_size", "2",
+    "--eval_generation_rows", "2", "--eval_max_new_tokens", "12",
+    "--tiny_hidden_size", "64", "--tiny_intermediate_size", "128",
+    "--disable_tqdm", "true",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe") / "run"
+    metrics = thinking_sft.main(FAST + ["--output_dir", str(out)])
+    return out, metrics
+
+
+def test_recipe_writes_every_artifact(run_dir):
+    out, metrics = run_dir
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "final/config.json",
+                 "final/modeling_so8t_phi3.py", "final/configuration_so8t_phi3.py", "final/tokenizer.json",
+                 "README.md", "training_log.json", "loss_curve.png", "data_report.json"):
+        assert (out / name).is_file(), name
+    adapter = load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert sum("so8_rotation" in k for k in adapter) == 2 and any("lora_A" in k for k in adapter)
+    log = json.loads((out / "training_log.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
+    for key in ("eval_loss", "eval_final_exact_match", "eval_format_compliance", "eval_thinking_leak_rate"):
+        assert key in metrics
+    assert metrics["eval_thinking_leak_rate"] == 0.0
+    card = (out / "README.md").read_text()
+    assert "eval_final_exact_match" in card and "trust_remote_code=True" in card
+    config = json.loads((out / "final/config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_so8t_phi3.So8tPhi3ForCausalLM"
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert "generation %}" in tokenizer.chat_template and "<think-task>" not in tokenizer.chat_template
+    assert len(tokenizer.encode("<think-task>", add_special_tokens=False)) == 1
+
+
+def test_final_model_loads_with_remote_code_without_so8t_hf(run_dir, tmp_path):
+    out, _ = run_dir
+    model = AutoModelForCausalLM.from_pretrained(out / "final", trust_remote_code=True).eval()
+    rotations = model.so8_rotations()
+    assert rotations and all(r.theta.abs().max() > 0 for r in rotations.values())  # trained, merged in
+    ids = torch.randint(3, 500, (1, 10))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert remote_load_max_diff(out / "final", ids, expected, tmp_path) == 0.0
+
+
+def test_resume_from_checkpoint_continues_the_same_losses(run_dir, tmp_path):
+    out, _ = run_dir
+    first = [e["loss"] for e in json.loads((out / "training_log.json").read_text()) if "loss" in e]
+    resumed_dir = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(out / "checkpoint-2", resumed_dir / "checkpoint-2")
+    thinking_sft.main(FAST + ["--output_dir", str(resumed_dir), "--resume_from_checkpoint", str(resumed_dir / "checkpoint-2")])
+    resumed = [e["loss"] for e in json.loads((resumed_dir / "training_log.json").read_text()) if "loss" in e and e["step"] > 2]
+    assert resumed == pytest.approx(first[2:], rel=1e-4)
+
+
+def test_unknown_yaml_key_fails_and_flags_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "recipes/configs/tiny.yaml").read_text() + "lora_rank: 8\n")
+    with pytest.raises(ValueError, match="lora_rank"):
+        thinking_sft.main(["--config", str(bad)])
+    from trl import TrlParser
+
+    from so8t_hf.sft_config import DataArguments, ModelArguments
+    from so8t_hf.trainer import SO8TConfig
+
+    model_args, data_args, train_args = TrlParser((ModelArguments, DataArguments, SO8TConfig)).parse_args_and_config(
+        ["--config", str(REPO / "recipes/configs/tiny.yaml"), "--lora_r", "8", "--output_dir", str(tmp_path)]
+    )
+    assert model_args.lora_r == 8 and model_args.lora_alpha == 64 and train_args.max_steps == 240
+
+
+def test_every_recipe_yaml_parses_and_names_its_launch_line():
+    from trl import TrlParser
+
+    from so8t_hf.sft_config import DataArguments, ModelArguments
+    from so8t_hf.trainer import SO8TConfig
+
+    for path in sorted((REPO / "recipes/configs").glob("*.yaml")):
+        text = path.read_text()
+        assert "accelerate launch" in text.splitlines()[1] + text.splitlines()[2], path.name
+        TrlParser((ModelArguments, DataArguments, SO8TConfig)).parse_args_and_config(["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
+
+
+def test_push_to_hub_uploads_the_output_dir_without_checkpoints(run_dir, monkeypatch):
+    out, _ = run_dir
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns, commit_message):
+            calls["upload"] = (repo_id, Path(folder_path), ignore_patterns)
+            return "https://example.invalid/commit"
+
+    import huggingface_hub
+
+    from so8t_hf.hub import push_output_dir
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push_output_dir(out, "me/so8t-tiny", token="t") == "https://example.invalid/commit"
+    assert calls["upload"] == ("me/so8t-tiny", out, ["checkpoint-*", "checkpoint-*/**", "runs/**"])
+    with pytest.raises(ValueError, match="hub_model_id"):
+        push_output_dir(out, None)
