@@ -1,0 +1,136 @@
+"""Benchmark the /think service on loopback: requests/s and p50/p99 latency at 1, 8, 32 clients.
+
+What: starts `python -m so8t_hf.serve` on 127.0.0.1 (the scripted tiny demo model of
+tests/serve_helpers.py unless --model is given), then for each concurrency level runs that many
+closed-loop clients (each sends its next request when the last one returns) until --requests
+requests are done or --seconds pass, and records a markdown table with the machine and command.
+
+Limits: client and server share the machine's cores; the tiny model measures the service's own
+overhead (HTTP, auth, queue, audit commit, 31-token generation), not a real model's speed.
+
+    .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--levels 1 8 32] [--requests 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from serve_helpers import audit_rows, build_demo_model, start_server
+
+KEY = "bench-secret"
+
+
+async def run_level(url: str, clients: int, total: int, seconds: float, max_new_tokens: int) -> dict:
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    tokens = 0
+    issued = 0
+    stop_at = time.monotonic() + seconds
+
+    async def client(ac: httpx.AsyncClient) -> None:
+        nonlocal issued, tokens
+        while issued < total and time.monotonic() < stop_at:
+            issued += 1
+            t0 = time.perf_counter()
+            r = await ac.post("/think", json={"query": f"q{issued}", "max_new_tokens": max_new_tokens})
+            dt = time.perf_counter() - t0
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                latencies.append(dt)
+                tokens += r.json()["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits,
+                                 headers={"Authorization": f"Bearer {KEY}"}) as ac:
+        await asyncio.gather(*[ac.post("/think", json={"query": "warm", "max_new_tokens": 4}) for _ in range(2)])
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client(ac) for _ in range(clients)])
+        wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
+    return {"clients": clients, "ok": len(lat), "codes": codes, "wall": wall, "rps": len(lat) / wall,
+            "tok_s": tokens / wall, "p50": q(0.50), "p99": q(0.99), "mean": statistics.fmean(lat) * 1000 if lat else 0}
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import torch
+    import transformers
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"load average at start {load[0]:.2f}" if isinstance(load[0], float) else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model directory (default: build the scripted tiny demo model)")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=200, help="requests per level (default 200)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="time limit per level (default 30)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="per request (the demo script stops at 31)")
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/serve_cpu.md"))
+    args = ap.parse_args(argv)
+    env_line = machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = Path(args.model) if args.model else build_demo_model(work / "model").path
+        server = start_server(model, work, ["--api-key", f"bench:{KEY}", "--torch-threads", str(args.torch_threads),
+                                            "--max-queue", str(max(64, 2 * max(args.levels))), "--no-access-log",
+                                            "--max-new-tokens-cap", str(max(64, args.max_new_tokens))], name="bench")
+        try:
+            results = [asyncio.run(run_level(server.url, c, args.requests, args.seconds, args.max_new_tokens))
+                       for c in args.levels]
+        finally:
+            code = server.terminate()
+        rows = len(audit_rows(server.audit_db))
+    sent = sum(sum(r["codes"].values()) for r in results) + 2 * len(results)
+    what = args.model or ("the scripted tiny demo SO8T-Phi3 (vocab 32,064, hidden 64, 2 layers; "
+                          "31 generated tokens per request)")
+    server_line = (f"Server: `python -m so8t_hf.serve --torch-threads {args.torch_threads} --no-access-log` on "
+                   f"127.0.0.1, {what}, audit DB with `synchronous=FULL`; closed-loop clients (httpx, one process) "
+                   f"on the same machine. Up to {args.requests} requests or {args.seconds:g} s per level, after 2 "
+                   "warm-up requests.")
+    lines = [
+        "# /think service on CPU (loopback)", "",
+        f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}` ({time.strftime('%Y-%m-%d')})", "",
+        f"Machine: {env_line}.", "",
+        server_line, "",
+        "| clients | requests ok | other statuses | req/s | generated tok/s | p50 ms | p99 ms | mean ms |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        other = ", ".join(f"{k}: {v}" for k, v in sorted(r["codes"].items()) if k != 200) or "-"
+        lines.append(f"| {r['clients']} | {r['ok']} | {other} | {r['rps']:.1f} | {r['tok_s']:.0f} | "
+                     f"{r['p50']:.0f} | {r['p99']:.0f} | {r['mean']:.0f} |")
+    lines += ["", (f"Audit rows after the run: {rows} for {sent} requests; "
+              f"server exit status after SIGTERM: {code}."), ""]
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    return 0 if rows == sent and code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The /think service: final answers only, Bearer API keys, a SQLite audit log, a bounded queue.
+
+What: `create_app` (FastAPI) over a `GenerationEngine` (model + worker threads), a `KeyStore`
+and an `AuditLog`; `so8t-hf serve` / `python -m so8t_hf.serve` run it with uvicorn. Users only
+ever see the `<final>` answer (`extract_final`); operators get a hash of the thinking
+(`thinking_hash`) per request in the audit log.
+
+Limits: needs the `serve` extra (fastapi, uvicorn); importing this package does not import them
+or torch models until `create_app` / `load_model` are used.
+"""
+
+from .auth import AuthError, KeyStore, hash_secret
+
+__all__ = ["AuditLog", "AuthError", "GenerationEngine", "KeyStore", "ServeSettings", "create_app", "hash_secret",
+           "load_model", "visible_final_prefix"]
+
+
+def __getattr__(name: str):  # lazy: fastapi / transformers only when asked for
+    if name in ("ServeSettings", "create_app"):
+        from . import app
+        return getattr(app, name)
+    if name == "AuditLog":
+        from .audit import AuditLog
+        return AuditLog
+    if name in ("GenerationEngine", "load_model", "visible_final_prefix"):
+        from . import generation
+        return getattr(generation, name)
+    raise AttributeError(name)

@@ -1,0 +1,7 @@
+"""`python -m so8t_hf.serve --help`: the same as `so8t-hf serve`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
