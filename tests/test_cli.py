@@ -41,3 +41,33 @@ def test_export_writes_a_plain_phi3_with_equal_logits(tmp_path):
     with torch.no_grad():
         ref, got = model(ids).logits, plain(ids).logits
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-4
+
+
+def test_chat_prints_only_the_final_unless_show_thinking(tmp_path, capsys, monkeypatch):
+    import so8t_hf.chat as chat
+    import so8t_hf.generation as generation
+
+    model = tiny_so8t(seed=1)
+    model.save_pretrained(tmp_path / "m")
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(tmp_path / "m")
+    raw = "<think-task>SECRET plan</think-task>\n<final>Paris.</final><|end|>"
+    seen = {}
+
+    def fake_generate(model, tokenizer, messages, *args):
+        seen["messages"] = list(messages)
+        return raw, 3, 7
+
+    monkeypatch.setattr(generation, "generate_reply", fake_generate)
+    assert main(["chat", "--model", str(tmp_path / "m"), "--prompt", "Capital of France?"]) == 0
+    assert capsys.readouterr().out.strip() == "Paris."
+    assert seen["messages"] == [{"role": "user", "content": "Capital of France?"}]
+    assert main(["chat", "--model", str(tmp_path / "m"), "--prompt", "Capital?", "--show-thinking"]) == 0
+    assert "SECRET plan" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("first\nsecond\n\n"))
+    assert main(["chat", "--model", str(tmp_path / "m")]) == 0
+    assert capsys.readouterr().out.split() == ["Paris.", "Paris."]
+    assert seen["messages"][-1] == {"role": "user", "content": "second"} and seen["messages"][1]["content"] == "Paris."
