@@ -8,6 +8,7 @@ the same sequences padded to the longest through SDPA (tokens/s counts real toke
 cost of a separate SO(8) output rotation (the question whether fusing it into the kernel pays).
 
     PYTHONPATH=$PWD python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.md
+    python benchmarks/bench_attention.py --smoke   # CPU, interpreter, tiny sizes: checks the script only
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+SMOKE = "--smoke" in sys.argv
+if SMOKE:  # before triton defines any kernel
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 try:
@@ -34,17 +39,24 @@ except ImportError:  # the package's __init__ needs libraries the benchmark does
     sys.modules["so8t_hf"] = pkg
     import so8t_hf.ops as ops  # noqa: E402
 
-DEV, DT = "cuda", torch.bfloat16
+DEV, DT = ("cpu", torch.float32) if SMOKE else ("cuda", torch.bfloat16)
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa-mem-eff": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def ms(fn, rep: int) -> float:
+    if SMOKE:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
 def peak_mib(fn) -> float:
     """Peak memory of one call above what was allocated before it."""
+    if SMOKE:
+        return 0.0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -121,14 +133,15 @@ def _sdpa(be, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def packed_rows(H, D, total, rep, with_flex=True):
+def packed_rows(H, D, total, lo, hi, rep, with_flex=True):
     gen = torch.Generator().manual_seed(0)
     lens = []
-    while sum(lens) < total:  # log-uniform lengths in [64, 4096]: many short, some long
-        lens.append(int(math.exp(torch.empty(1).uniform_(math.log(64), math.log(4096), generator=gen).item())))
+    while sum(lens) < total:  # log-uniform lengths in [lo, hi]: many short, some long
+        lens.append(int(math.exp(torch.empty(1).uniform_(math.log(lo), math.log(hi), generator=gen).item())))
     lens[-1] -= sum(lens) - total
-    if lens[-1] < 64:
-        lens[-2] += lens.pop()
+    if lens[-1] < lo:
+        last = lens.pop()
+        lens[-1] += last
     n, L = len(lens), max(lens)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
     torch.manual_seed(0)
@@ -186,15 +199,18 @@ def main():
     ap.add_argument("--rep", type=int, default=200, help="ms of repeated timing per measurement")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first shape and the packed batch only")
+    ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny sizes: test the script")
     args = ap.parse_args()
-    H = 32
+    H, total, lo, hi = 32, 16384, 64, 4096
     shapes = [(4, 2048, 96), (1, 8192, 96), (1, 16384, 96), (4, 2048, 128)]
     if args.quick:
         shapes = shapes[:1]
-    props = torch.cuda.get_device_properties(0)
+    if SMOKE:
+        H, total, lo, hi, shapes, args.no_flex = 2, 300, 16, 128, [(1, 40, 96), (1, 33, 128)], True
     import triton
 
-    lines = [f"# Attention kernels on {props.name} ({props.multi_processor_count} SMs)", "",
+    gpu = "CPU (smoke test)" if SMOKE else "{0.name} ({0.multi_processor_count} SMs)".format(torch.cuda.get_device_properties(0))
+    lines = [f"# Attention kernels on {gpu}", "",
              f"torch {torch.__version__}, triton {triton.__version__}, bf16, causal, H={H}; median of "
              f"do_bench over {args.rep} ms; TFLOP/s with causal FLOPs halved; peak = extra MiB of one fwd+bwd; "
              "err = max |out - cuDNN out|.", ""]
@@ -217,9 +233,12 @@ def main():
             print(lines[-1], flush=True)
         flush()
 
-    lens, rows = packed_rows(H, 96, 16384, args.rep, not args.no_flex)
-    lines += ["", f"## Packed batch: {len(lens)} sequences, {sum(lens)} tokens, lengths {sorted(lens)} "
-              "(log-uniform 64..4096, seed 0), H32 D96 causal", "",
+    lens, rows = packed_rows(H, 96, total, lo, hi, args.rep, not args.no_flex)
+    n, L = len(lens), max(lens)
+    lines += ["", f"## Packed batch: {n} sequences, {sum(lens)} tokens, lengths {sorted(lens)} "
+              f"(log-uniform {lo}..{hi}, seed 0), H{H} D96 causal", "",
+              f"Padded: {n} x {L} = {n * L} token slots ({100 * (1 - sum(lens) / (n * L)):.0f}% padding); causal "
+              f"attention FLOPs padded / packed = {n * L * L / sum(x * x for x in lens):.2f}.", "",
               "| method | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | peak MiB |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, f, fb, tps, mem in rows:
         lines.append(f"| {name} | {fmt(f)} | {fmt(fb)} | {fmt(tps, '{:,.0f}')} | "
@@ -227,7 +246,7 @@ def main():
         print(lines[-1], flush=True)
     flush()
 
-    f, fb, floor_us = rotation_rows(4, 2048, H, 96, args.rep)
+    f, fb, floor_us = rotation_rows(*((1, 40) if SMOKE else (4, 2048)), H, 96, args.rep)
     lines += ["", "## SO(8) output rotation as a separate op, B4 S2048 H32 D96", "",
               "| op | fwd ms | fwd+bwd ms | memory-bound floor of fwd (read+write at 3 TB/s) |", "| --- | ---: | ---: | ---: |",
               f"| (x.view(B,T,H*D/8,1,8) @ R).view(B,T,H*D) | {f:.3f} | {fb:.3f} | {floor_us / 1e3:.3f} |"]
@@ -238,7 +257,7 @@ def main():
         import so8t_hf.ops.flash_attention_bwd as fb_mod
 
         lines += ["", "## Autotuned configs", ""]
-        for kname, kern in (("fwd", fa._fwd_kernel), ("dkdv", fb_mod._dkdv_kernel), ("dq", fb_mod._dq_kernel)):
+        for kname, kern in (("fwd", fa._fwd_tuned), ("dkdv", fb_mod._dkdv_tuned), ("dq", fb_mod._dq_tuned)):
             for key, cfg in getattr(kern, "cache", {}).items():
                 lines.append(f"- {kname} {key[:7]}: {cfg}")
         lines += ["", "## Compiled variants (registers / spills)", ""]

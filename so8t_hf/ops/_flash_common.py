@@ -103,3 +103,39 @@ def _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
         k_start = b * 0
         len_k = b * 0 + seqlen_k
     return q_start, len_q, k_start, len_k
+
+
+# Block configs: (BLOCK_M, BLOCK_N, num_warps, num_stages, largest BLOCK_D0 + BLOCK_D1 it is for).
+# Chosen from sm_90 compiles (ptxas register / spill counts, see benchmarks/NOTES_attention.md);
+# the autotuner times the survivors once per (head dim, causal, varlen, dtype, seqlen bucket).
+TUNE_KEY = ["HEAD_DIM", "BLOCK_D0", "BLOCK_D1", "IS_CAUSAL", "IS_VARLEN", "DOT_PRECISION", "seq_bucket"]
+INTERPRET_BLOCKS = {"fwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}  # BLOCK_M != BLOCK_N on purpose
+FP32_BLOCKS = {64: (32, 32, 4, 1), 256: (16, 16, 4, 1)}  # fp32 ("ieee" dots): spill-free, not fast
+
+
+def _prune(configs, nargs, **kwargs):
+    bd = kwargs.get("BLOCK_D0", nargs.get("BLOCK_D0", 0)) + kwargs.get("BLOCK_D1", nargs.get("BLOCK_D1", 0))
+    kept = [c for c in configs if bd <= c.max_block_d]
+    return kept or configs[:1]
+
+
+def tuned(kernel, shapes):
+    configs = []
+    for m, n, w, s, max_bd in shapes:
+        cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        cfg.max_block_d = max_bd
+        configs.append(cfg)
+    return triton.autotune(configs, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+def launch(kernel, tuned_kernel, name, grid, dtype, *args, **kwargs):
+    """Interpreter: fixed small blocks; fp32: fixed spill-free blocks; fp16/bf16: autotuned."""
+    if INTERPRET:
+        m, n = INTERPRET_BLOCKS[name]
+        kernel[grid](*args, **kwargs, BLOCK_M=m, BLOCK_N=n)
+    elif dtype == torch.float32:
+        bd = kwargs["BLOCK_D0"] + kwargs["BLOCK_D1"]
+        m, n, w, s = FP32_BLOCKS[64 if bd <= 64 else 256]
+        kernel[grid](*args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+    else:
+        tuned_kernel[grid](*args, **kwargs)

@@ -35,7 +35,9 @@ from ._flash_common import (
     check_cu_seqlens,
     check_qkv,
     dot_precision,
+    launch,
     split_head_dim,
+    tuned,
 )
 from .flash_attention_bwd import attn_backward
 
@@ -158,16 +160,8 @@ def _attn_fwd_kernel(
     tl.store(lse_ptrs, lse, mask=offs_m < len_q)
 
 
-def _fwd_configs() -> list:
-    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
-_TUNE_KEY = ["HEAD_DIM", "BLOCK_D0", "BLOCK_D1", "IS_CAUSAL", "IS_VARLEN", "DOT_PRECISION", "seq_bucket"]
-if INTERPRET:  # CPU interpreter: fixed small blocks (fast; many partial blocks in tests)
-    _fwd_kernel, _FWD_FIXED = _attn_fwd_kernel, dict(BLOCK_M=16, BLOCK_N=32)
-else:
-    _fwd_kernel, _FWD_FIXED = triton.autotune(_fwd_configs(), key=_TUNE_KEY)(_attn_fwd_kernel), {}
+FWD_CONFIGS = [(128, 64, 8, 3, 256), (128, 128, 8, 3, 256), (128, 64, 4, 3, 96), (64, 64, 4, 3, 256)]
+_fwd_tuned = None if INTERPRET else tuned(_attn_fwd_kernel, FWD_CONFIGS)
 
 
 def seq_bucket(n: int) -> int:
@@ -202,11 +196,12 @@ def attn_forward(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * H)  # noqa: E731
     if q.numel() == 0 or seqlen_q == 0:
         return o.zero_(), lse.fill_(float("inf"))
-    _fwd_kernel[grid](
+    launch(
+        _attn_fwd_kernel, _fwd_tuned, "fwd", grid, q.dtype,
         q, k, v, o, lse, cu_q, cu_k, *sq, *sk, *sv, *sl,
         seqlen_q, seqlen_k, H, H // k.shape[-2], softmax_scale * LOG2E, seq_bucket(seqlen_q),
         HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, IS_CAUSAL=bool(causal), IS_VARLEN=varlen,
-        DOT_PRECISION=dot_precision(q.dtype), **_FWD_FIXED,
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     return o, lse
 

@@ -15,7 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._flash_common import INTERPRET, LOG2E, _load_tile, _seq_bounds, _store_tile, dot_precision, split_head_dim
+from ._flash_common import (
+    INTERPRET,
+    LOG2E,
+    _load_tile,
+    _seq_bounds,
+    _store_tile,
+    dot_precision,
+    launch,
+    split_head_dim,
+    tuned,
+)
 
 __all__ = ["attn_backward"]
 
@@ -251,21 +261,10 @@ def _attn_bwd_dq_kernel(
         _store_tile(DQ + q_off, dq1 * sm_scale, offs_m, len_q, stride_qt, offs_d1, HEAD_DIM)
 
 
-def _configs(shapes) -> list:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
-_TUNE_KEY = ["HEAD_DIM", "BLOCK_D0", "BLOCK_D1", "IS_CAUSAL", "IS_VARLEN", "DOT_PRECISION", "seq_bucket"]
-if INTERPRET:  # CPU interpreter: fixed small blocks, BLOCK_M != BLOCK_N to exercise the diagonal logic
-    _dkdv_kernel, _DKDV_FIXED = _attn_bwd_dkdv_kernel, dict(BLOCK_M=16, BLOCK_N=32)
-    _dq_kernel, _DQ_FIXED = _attn_bwd_dq_kernel, dict(BLOCK_M=32, BLOCK_N=16)
-else:
-    _dkdv_kernel, _DKDV_FIXED = triton.autotune(
-        _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]), key=_TUNE_KEY
-    )(_attn_bwd_dkdv_kernel), {}
-    _dq_kernel, _DQ_FIXED = triton.autotune(
-        _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]), key=_TUNE_KEY
-    )(_attn_bwd_dq_kernel), {}
+DKDV_CONFIGS = [(32, 128, 8, 3, 256), (16, 128, 8, 3, 256), (64, 128, 8, 3, 96), (32, 64, 4, 3, 256)]
+DQ_CONFIGS = [(128, 64, 8, 3, 256), (128, 32, 8, 3, 256), (128, 32, 4, 3, 96), (64, 64, 4, 3, 256)]
+_dkdv_tuned = None if INTERPRET else tuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS)
+_dq_tuned = None if INTERPRET else tuned(_attn_bwd_dq_kernel, DQ_CONFIGS)
 
 
 def attn_backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
@@ -298,12 +297,14 @@ def attn_backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, softmax_scale, 
     )
     common = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, IS_CAUSAL=bool(causal), IS_VARLEN=varlen, DOT_PRECISION=prec)
     scale2 = softmax_scale * LOG2E
-    _dkdv_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, cu_q, cu_k, *sq, *sk, *sv, *sl,
-        seqlen_q, seqlen_k, Hkv, H // Hkv, scale2, softmax_scale, bucket, **common, **_DKDV_FIXED,
+    launch(
+        _attn_bwd_dkdv_kernel, _dkdv_tuned, "dkdv", lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * Hkv),
+        q.dtype, q, k, v, do, dk, dv, lse, delta, cu_q, cu_k, *sq, *sk, *sv, *sl,
+        seqlen_q, seqlen_k, Hkv, H // Hkv, scale2, softmax_scale, bucket, **common,
     )
-    _dq_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * H)](
-        q, k, v, do, dq, lse, delta, cu_q, cu_k, *sq, *sk, *sv, *sl,
-        seqlen_q, seqlen_k, H, H // Hkv, scale2, softmax_scale, bucket, **common, **_DQ_FIXED,
+    launch(
+        _attn_bwd_dq_kernel, _dq_tuned, "dq", lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * H),
+        q.dtype, q, k, v, do, dq, lse, delta, cu_q, cu_k, *sq, *sk, *sv, *sl,
+        seqlen_q, seqlen_k, H, H // Hkv, scale2, softmax_scale, bucket, **common,
     )
     return dq, dk, dv
