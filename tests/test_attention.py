@@ -247,3 +247,17 @@ def test_trl_padding_free_batch_equals_sequences_alone(backend):
         with force_attention_backend(backend) if backend != "auto" else contextlib.nullcontext():
             got = test(**inputs).logits[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_attention_skips_earlier_sequences_exactly():
+    torch.manual_seed(2)
+    q = torch.randn(2, 4, 37, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 37, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 37, 16, dtype=torch.float64, requires_grad=True)
+    segments = torch.tensor([[0] * 10 + [1] * 15 + [2] * 12, [0] * 20 + [1] * 17])
+    out = chunked_attention(q, k, v, segments=segments, chunk=8)
+    ref = _dense_reference(q, k, v, 16**-0.5, True, segments=segments)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(out)
+    for g, e in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)

@@ -36,10 +36,23 @@ def _tile_keep(i0, i1, j0, j1, causal_offset, segments, keep_mask, device):
     return keep
 
 
-def _key_range(i0, i1, kv_len, chunk, causal_offset):
-    """Key chunk starts that can hold a visible key for queries i0..i1-1 (causal skips the upper triangle)."""
+def _segment_lower_bounds(segments, q_len, chunk):
+    """Per query chunk, the first key any of its queries can see when segments (packed rows) restrict it."""
+    if segments is None:
+        return None
+    positions = torch.arange(q_len, device=segments.device).expand_as(segments)
+    is_start = torch.ones_like(segments, dtype=torch.bool)
+    is_start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    seg_start = torch.where(is_start, positions, 0).cummax(-1).values  # (B, T): start of each token's sequence
+    return seg_start[:, ::chunk].amin(0).tolist()
+
+
+def _key_range(i0, i1, kv_len, chunk, causal_offset, lower_bounds=None):
+    """Key chunk starts that can hold a visible key for queries i0..i1-1: causal skips the upper triangle,
+    packed segments skip the keys of earlier sequences (block-diagonal sparsity)."""
     stop = kv_len if causal_offset is None else min(kv_len, i1 + causal_offset)
-    return range(0, max(stop, 0), chunk)
+    start = 0 if lower_bounds is None else lower_bounds[i0 // chunk] // chunk * chunk
+    return range(start, max(stop, 0), chunk)
 
 
 class ChunkedAttention(torch.autograd.Function):
@@ -51,6 +64,7 @@ class ChunkedAttention(torch.autograd.Function):
         groups = heads // kv_heads
         acc_dtype = _accumulation_dtype(q)
         qg = q.view(bsz, kv_heads, groups, q_len, dim)  # (B, Hkv, G, T, D)
+        lower_bounds = _segment_lower_bounds(segments, q_len, chunk)
         out = torch.empty_like(qg, dtype=acc_dtype)
         lse = torch.empty(bsz, kv_heads, groups, q_len, device=q.device, dtype=acc_dtype)
         for i0 in range(0, q_len, chunk):
@@ -59,7 +73,7 @@ class ChunkedAttention(torch.autograd.Function):
             row_max = torch.full(qc.shape[:-1], float("-inf"), device=q.device, dtype=acc_dtype)
             row_sum = torch.zeros_like(row_max)
             acc = torch.zeros_like(qc)
-            for j0 in _key_range(i0, i1, kv_len, chunk, causal_offset):
+            for j0 in _key_range(i0, i1, kv_len, chunk, causal_offset, lower_bounds):
                 j1 = min(j0 + chunk, kv_len)
                 kc, vc = k[:, :, None, j0:j1].to(acc_dtype), v[:, :, None, j0:j1].to(acc_dtype)  # (B, Hkv, 1, Ck, D)
                 scores = qc @ kc.transpose(-1, -2) * scale  # (B, Hkv, G, Cq, Ck)
@@ -96,11 +110,12 @@ class ChunkedAttention(torch.autograd.Function):
         dq = torch.zeros_like(qg, dtype=acc_dtype)
         dk = torch.zeros_like(k, dtype=acc_dtype)
         dv = torch.zeros_like(v, dtype=acc_dtype)
+        lower_bounds = _segment_lower_bounds(segments, q_len, chunk)
         for i0 in range(0, q_len, chunk):
             i1 = min(i0 + chunk, q_len)
             qc, doc = qg[..., i0:i1, :].to(acc_dtype), dout[..., i0:i1, :].to(acc_dtype)
             lse_c, delta_c = lse[..., i0:i1, None], delta[..., i0:i1, None]
-            for j0 in _key_range(i0, i1, kv_len, chunk, causal_offset):
+            for j0 in _key_range(i0, i1, kv_len, chunk, causal_offset, lower_bounds):
                 j1 = min(j0 + chunk, kv_len)
                 kc, vc = k[:, :, None, j0:j1].to(acc_dtype), v[:, :, None, j0:j1].to(acc_dtype)
                 scores = qc @ kc.transpose(-1, -2) * scale
