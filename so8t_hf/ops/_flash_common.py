@@ -17,6 +17,9 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
+# scalar kernel arguments that must not multiply compiled variants (value 1 / divisible by 16);
+# strides stay specialised: their divisibility lets loads vectorise
+NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "num_heads", "num_kv_heads", "group", "seq_bucket"]
 
 
 def split_head_dim(head_dim: int, split: bool | None = None) -> tuple[int, int]:
@@ -113,18 +116,24 @@ INTERPRET_BLOCKS = {"fwd": (16, 32), "dkdv": (16, 32), "dq": (32, 16)}  # BLOCK_
 FP32_BLOCKS = {64: (32, 32, 4, 1), 256: (16, 16, 4, 1)}  # fp32 ("ieee" dots): spill-free, not fast
 
 
+_MAX_BLOCK_D = {}  # (BLOCK_M, BLOCK_N, num_warps, num_stages) -> largest BLOCK_D0 + BLOCK_D1
+
+
 def _prune(configs, nargs, **kwargs):
     bd = kwargs.get("BLOCK_D0", nargs.get("BLOCK_D0", 0)) + kwargs.get("BLOCK_D1", nargs.get("BLOCK_D1", 0))
-    kept = [c for c in configs if bd <= c.max_block_d]
+    kept = [c for c in configs if bd <= _MAX_BLOCK_D.get(_cfg_key(c), 256)]
     return kept or configs[:1]
+
+
+def _cfg_key(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
 def tuned(kernel, shapes):
     configs = []
     for m, n, w, s, max_bd in shapes:
-        cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        cfg.max_block_d = max_bd
-        configs.append(cfg)
+        configs.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s))
+        _MAX_BLOCK_D[(m, n, w, s)] = max_bd
     return triton.autotune(configs, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 

@@ -29,6 +29,7 @@ import triton.language as tl
 from ._flash_common import (
     INTERPRET,
     LOG2E,
+    NO_SPECIALIZE,
     _load_tile,
     _seq_bounds,
     _store_tile,
@@ -49,7 +50,7 @@ def _attn_fwd_block(
     acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
     start_n, offs_m, len_k, causal_off, qk_scale,
     offs_n, offs_d0, offs_d1,
-    HEAD_DIM: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D1: tl.constexpr, MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one (BLOCK_M, BLOCK_N) step of the online softmax; MASKED: the block straddles the causal
@@ -57,7 +58,7 @@ def _attn_fwd_block(
     cols = start_n + offs_n  # (BLOCK_N,)
     k0 = _load_tile(k_base, cols, len_k, stride_kt, offs_d0, HEAD_DIM, MASKED)  # (BLOCK_N, D0)
     qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         k1 = _load_tile(k_base, cols, len_k, stride_kt, offs_d1, HEAD_DIM, MASKED)  # (BLOCK_N, D1)
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
     qk = qk * qk_scale  # log2 units
@@ -73,13 +74,13 @@ def _attn_fwd_block(
     v0 = _load_tile(v_base, cols, len_k, stride_vt, offs_d0, HEAD_DIM, MASKED)  # (BLOCK_N, D0)
     p = p.to(v0.dtype)
     acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         v1 = _load_tile(v_base, cols, len_k, stride_vt, offs_d1, HEAD_DIM, MASKED)  # (BLOCK_N, D1)
         acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
     return acc0, acc1, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qt, stride_qh,  # Q and O: (B, T, H, D) or (total_q, H, D) with stride_qb = 0
@@ -109,10 +110,9 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
-    HAS_D1: tl.constexpr = BLOCK_D1 > 0
     q0 = _load_tile(Q + q_off, offs_m, len_q, stride_qt, offs_d0, HEAD_DIM, True)  # (BLOCK_M, D0)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
         q1 = _load_tile(Q + q_off, offs_m, len_q, stride_qt, offs_d1, HEAD_DIM, True)  # (BLOCK_M, D1)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
@@ -136,14 +136,14 @@ def _attn_fwd_kernel(
         acc0, acc1, l_i, m_i = _attn_fwd_block(
             acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
             start_n, offs_m, len_k, causal_off, qk_scale, offs_n, offs_d0, offs_d1,
-            HEAD_DIM, HAS_D1, False, IS_CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D1, False, IS_CAUSAL, DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc0, acc1, l_i, m_i = _attn_fwd_block(
             acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
             start_n, offs_m, len_k, causal_off, qk_scale, offs_n, offs_d0, offs_d1,
-            HEAD_DIM, HAS_D1, True, IS_CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D1, True, IS_CAUSAL, DOT_PRECISION,
         )
 
     # epilogue: rows that see no key (causal with seqlen_q > seqlen_k, or seqlen_k == 0) -> 0
@@ -153,7 +153,7 @@ def _attn_fwd_kernel(
         has_keys = (offs_m >= 0) & (len_k > 0)
     inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)
     _store_tile(O + q_off, acc0 * inv_l[:, None], offs_m, len_q, stride_qt, offs_d0, HEAD_DIM)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         _store_tile(O + q_off, acc1 * inv_l[:, None], offs_m, len_q, stride_qt, offs_d1, HEAD_DIM)
     lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
     lse_ptrs = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m

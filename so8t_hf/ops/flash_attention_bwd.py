@@ -18,6 +18,7 @@ import triton.language as tl
 from ._flash_common import (
     INTERPRET,
     LOG2E,
+    NO_SPECIALIZE,
     _load_tile,
     _seq_bounds,
     _store_tile,
@@ -58,7 +59,7 @@ def _attn_bwd_preprocess_kernel(
 def _attn_bwd_dkdv_block(
     dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, stride_qt,
     start_m, offs_n, len_q, causal_off, qk_scale, offs_mb, offs_d0, offs_d1,
-    HEAD_DIM: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D1: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # one (BLOCK_N keys) x (BLOCK_M queries) step, computed transposed: S^T = K Q^T
     rows = start_m + offs_mb  # (BLOCK_M,)
@@ -67,7 +68,7 @@ def _attn_bwd_dkdv_block(
     lse = tl.load(lse_base + rows, mask=rows < len_q, other=float("inf"))  # +inf: P = 0
     delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
     qkT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         q1 = _load_tile(q_base, rows, len_q, stride_qt, offs_d1, HEAD_DIM, True)  # (BLOCK_M, D1)
         do1 = _load_tile(do_base, rows, len_q, stride_qt, offs_d1, HEAD_DIM, True)
         qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PRECISION)
@@ -75,19 +76,19 @@ def _attn_bwd_dkdv_block(
     if MASKED:  # causal diagonal (rows past the end already have lse = +inf)
         pT = tl.where(offs_n[:, None] <= rows[None, :] + causal_off, pT, 0.0)
     dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PRECISION)
     dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
     pT = pT.to(q0.dtype)
     dv0 = tl.dot(pT, do0, dv0, input_precision=DOT_PRECISION)
     dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PRECISION)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         dv1 = tl.dot(pT, do1, dv1, input_precision=DOT_PRECISION)
         dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PRECISION)
     return dk0, dk1, dv0, dv1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
     stride_qb, stride_qt, stride_qh,  # Q and dO: (B, T, H, D) or (total_q, H, D) with stride_qb = 0
@@ -113,12 +114,11 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
-    HAS_D1: tl.constexpr = BLOCK_D1 > 0
     k0 = _load_tile(K + k_off, offs_n, len_k, stride_kt, offs_d0, HEAD_DIM, True)  # (BLOCK_N, D0)
     v0 = _load_tile(V + v_off, offs_n, len_k, stride_vt, offs_d0, HEAD_DIM, True)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
         k1 = _load_tile(K + k_off, offs_n, len_k, stride_kt, offs_d1, HEAD_DIM, True)  # (BLOCK_N, D1)
         v1 = _load_tile(V + v_off, offs_n, len_k, stride_vt, offs_d1, HEAD_DIM, True)
@@ -147,18 +147,18 @@ def _attn_bwd_dkdv_kernel(
             dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_block(
                 dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q + q_off, DO + q_off, LSE + l_off, DELTA + l_off,
                 stride_qt, start_m, offs_n, len_q, causal_off, qk_scale, offs_mb, offs_d0, offs_d1,
-                HEAD_DIM, HAS_D1, True, DOT_PRECISION,
+                HEAD_DIM, BLOCK_D1, True, DOT_PRECISION,
             )
         for start_m in range(m_full, len_q, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_block(
                 dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q + q_off, DO + q_off, LSE + l_off, DELTA + l_off,
                 stride_qt, start_m, offs_n, len_q, causal_off, qk_scale, offs_mb, offs_d0, offs_d1,
-                HEAD_DIM, HAS_D1, False, DOT_PRECISION,
+                HEAD_DIM, BLOCK_D1, False, DOT_PRECISION,
             )
     _store_tile(DK + k_off, dk0 * sm_scale, offs_n, len_k, stride_kt, offs_d0, HEAD_DIM)
     _store_tile(DV + v_off, dv0, offs_n, len_k, stride_vt, offs_d0, HEAD_DIM)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         _store_tile(DK + k_off, dk1 * sm_scale, offs_n, len_k, stride_kt, offs_d1, HEAD_DIM)
         _store_tile(DV + v_off, dv1, offs_n, len_k, stride_vt, offs_d1, HEAD_DIM)
 
@@ -167,7 +167,7 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_block(
     dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt,
     start_n, offs_m, len_k, causal_off, qk_scale, offs_nb, offs_d0, offs_d1,
-    HEAD_DIM: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D1: tl.constexpr, MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + offs_nb  # (BLOCK_N,)
@@ -175,7 +175,7 @@ def _attn_bwd_dq_block(
     v0 = _load_tile(v_base, cols, len_k, stride_vt, offs_d0, HEAD_DIM, MASKED)
     qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
     dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PRECISION)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         k1 = _load_tile(k_base, cols, len_k, stride_kt, offs_d1, HEAD_DIM, MASKED)  # (BLOCK_N, D1)
         v1 = _load_tile(v_base, cols, len_k, stride_vt, offs_d1, HEAD_DIM, MASKED)
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
@@ -188,12 +188,12 @@ def _attn_bwd_dq_block(
         p = tl.where(valid, p, 0.0)
     ds = (p * (dp - delta[:, None])).to(k0.dtype)
     dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PRECISION)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PRECISION)
     return dq0, dq1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
     stride_qb, stride_qt, stride_qh,  # Q, dO, dQ: (B, T, H, D) or (total_q, H, D) with stride_qb = 0
@@ -220,11 +220,10 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_nb = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
-    HAS_D1: tl.constexpr = BLOCK_D1 > 0
     q0 = _load_tile(Q + q_off, offs_m, len_q, stride_qt, offs_d0, HEAD_DIM, True)  # (BLOCK_M, D0)
     do0 = _load_tile(DO + q_off, offs_m, len_q, stride_qt, offs_d0, HEAD_DIM, True)
     dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
         q1 = _load_tile(Q + q_off, offs_m, len_q, stride_qt, offs_d1, HEAD_DIM, True)  # (BLOCK_M, D1)
         do1 = _load_tile(DO + q_off, offs_m, len_q, stride_qt, offs_d1, HEAD_DIM, True)
@@ -247,17 +246,17 @@ def _attn_bwd_dq_kernel(
         dq0, dq1 = _attn_bwd_dq_block(
             dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt,
             start_n, offs_m, len_k, causal_off, qk_scale, offs_nb, offs_d0, offs_d1,
-            HEAD_DIM, HAS_D1, False, IS_CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D1, False, IS_CAUSAL, DOT_PRECISION,
         )
     for start_n in range(full_hi, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         dq0, dq1 = _attn_bwd_dq_block(
             dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt,
             start_n, offs_m, len_k, causal_off, qk_scale, offs_nb, offs_d0, offs_d1,
-            HEAD_DIM, HAS_D1, True, IS_CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D1, True, IS_CAUSAL, DOT_PRECISION,
         )
     _store_tile(DQ + q_off, dq0 * sm_scale, offs_m, len_q, stride_qt, offs_d0, HEAD_DIM)
-    if HAS_D1:
+    if BLOCK_D1 > 0:
         _store_tile(DQ + q_off, dq1 * sm_scale, offs_m, len_q, stride_qt, offs_d1, HEAD_DIM)
 
 
