@@ -176,17 +176,24 @@ def packed_rows(H, D, total, lo, hi, rep, with_flex=True):
 
 
 def rotation_rows(B, T, H, D, rep):
-    """The SO(8) rotation as a separate op on the attention output: (B, T, H*D/8, 8) @ (H*D/8, 8, 8)."""
+    """The SO(8) rotation as a separate op on the attention output, (B, T, H*D/8, 8) x (H*D/8, 8, 8):
+    the einsum of modeling_so8t_phi3.So8Rotation and a broadcast matmul. fwd: y; fwd+bwd: dx and dR."""
     G = H * D // 8
     x = torch.randn(B, T, H * D, device=DEV, dtype=DT, requires_grad=True)
     A = 0.1 * torch.randn(G, 8, 8, device=DEV)
     R = torch.linalg.matrix_exp(A - A.mT).to(DT).requires_grad_()  # (G, 8, 8) rotations
     dy = torch.randn(B, T, H * D, device=DEV, dtype=DT)
-    rot = lambda: (x.view(B, T, G, 1, 8) @ R).view(B, T, H * D)  # noqa: E731
-    f = ms(rot, rep)
-    fb = ms(lambda: torch.autograd.grad(rot(), (x, R), dy), rep)
-    floor_us = 2 * x.numel() * 2 / 3.0e12 * 1e6  # read x + write y at ~3 TB/s
-    return f, fb, floor_us
+    ops_ = {
+        'einsum("...ni,nij->...nj")': lambda: torch.einsum("...ni,nij->...nj", x.view(B, T, G, 8), R).reshape(B, T, -1),
+        "(x.view(B,T,G,1,8) @ R)": lambda: (x.view(B, T, G, 1, 8) @ R).view(B, T, H * D),
+    }
+    rows = []
+    for name, rot in ops_.items():
+        f = ms(rot, rep)
+        fb = ms(lambda: torch.autograd.grad(rot(), (x, R), dy), rep)
+        rows.append((name, f, fb))
+    floor_ms = 2 * x.numel() * x.element_size() / 3.0e12 * 1e3  # fwd: read x + write y at ~3 TB/s
+    return rows, floor_ms
 
 
 def fmt(x, spec="{:.3f}"):
@@ -209,7 +216,8 @@ def main():
         H, total, lo, hi, shapes, args.no_flex = 2, 300, 16, 128, [(1, 40, 96), (1, 33, 128)], True
     import triton
 
-    gpu = "CPU (smoke test)" if SMOKE else "{0.name} ({0.multi_processor_count} SMs)".format(torch.cuda.get_device_properties(0))
+    props = None if SMOKE else torch.cuda.get_device_properties(0)
+    gpu = "CPU (smoke test)" if SMOKE else f"{props.name} ({props.multi_processor_count} SMs)"
     lines = [f"# Attention kernels on {gpu}", "",
              f"torch {torch.__version__}, triton {triton.__version__}, bf16, causal, H={H}; median of "
              f"do_bench over {args.rep} ms; TFLOP/s with causal FLOPs halved; peak = extra MiB of one fwd+bwd; "
@@ -222,9 +230,12 @@ def main():
 
     lines += ["| shape | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB | err | wall s |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    first_fb = {}  # backend -> fwd+bwd ms at the first shape (to size the rotation against)
     for B, T, D in shapes:
         flops = 4 * B * H * T * T * D / 2
         for name, f, fb, mem, err, wall in dense_rows(B, T, H, D, args.rep, not args.no_flex):
+            if (B, T, D) == shapes[0]:
+                first_fb[name] = fb
             tf = None if f is None else flops / f * 1e-9
             tfb = None if fb is None else 3.5 * flops / fb * 1e-9
             e = err if isinstance(err, str) else f"{err:.1e}"
@@ -246,11 +257,18 @@ def main():
         print(lines[-1], flush=True)
     flush()
 
-    f, fb, floor_us = rotation_rows(*((1, 40) if SMOKE else (4, 2048)), H, 96, args.rep)
-    lines += ["", "## SO(8) output rotation as a separate op, B4 S2048 H32 D96", "",
-              "| op | fwd ms | fwd+bwd ms | memory-bound floor of fwd (read+write at 3 TB/s) |", "| --- | ---: | ---: | ---: |",
-              f"| (x.view(B,T,H*D/8,1,8) @ R).view(B,T,H*D) | {f:.3f} | {fb:.3f} | {floor_us / 1e3:.3f} |"]
-    print("\n".join(lines[-4:]), flush=True)
+    rot_rows, floor_ms = rotation_rows(*((1, 40) if SMOKE else (4, 2048)), H, 96, args.rep)
+    lines += ["", f"## SO(8) output rotation as a separate op, H{H} D96 at the first shape", "",
+              f"Memory-bound floor of the forward (read x + write y at 3 TB/s): {floor_ms:.3f} ms; fwd+bwd "
+              "(dx = dy R^T, dR = sum x^T dy) about 3x that.", "",
+              "| op | fwd ms | fwd+bwd ms |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {f:.3f} | {fb:.3f} |" for name, f, fb in rot_rows]
+    for be in ("triton (ours)", "sdpa-cudnn"):
+        if first_fb.get(be):
+            lines.append(f"\nRotation ({rot_rows[0][0]}) fwd+bwd = {100 * rot_rows[0][2] / first_fb[be]:.1f}% of {be} "
+                         "attention fwd+bwd at this shape.")
+    print("\n".join(lines[-len(rot_rows) - 8:]), flush=True)
+    flush()
 
     try:  # which configs the autotuner picked
         import so8t_hf.ops.flash_attention as fa

@@ -234,7 +234,8 @@ def _check_common(dropout_p: float, q: torch.Tensor, softmax_scale: float | None
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
     """Attention on q (B, T, H, D), k/v (B, S, Hkv, D) with H % Hkv == 0; returns (B, T, H, D)."""
     scale = _check_common(dropout_p, q, softmax_scale)
-    return FlashAttnFunction.apply(_prepare(q), _prepare(k), _prepare(v), None, None, q.shape[1], k.shape[1], scale, causal)
+    q, k, v = _prepare(q), _prepare(k), _prepare(v)
+    return FlashAttnFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], scale, causal)
 
 
 def flash_attn_varlen_func(
@@ -243,6 +244,7 @@ def flash_attn_varlen_func(
     """Packed attention on q (total_q, H, D), k/v (total_k, Hkv, D); sequence b is rows
     cu_seqlens[b]:cu_seqlens[b+1] (int32, (n+1,)); no attention across sequences."""
     scale = _check_common(dropout_p, q, softmax_scale)
+    q, k, v = _prepare(q), _prepare(k), _prepare(v)
     return FlashAttnFunction.apply(
-        _prepare(q), _prepare(k), _prepare(v), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, causal
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, causal
     )
