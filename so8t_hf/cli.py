@@ -56,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     export.set_defaults(func=cmd_export)
 
-    for module in ("so8t_hf.sft_cli", "so8t_hf.chat", "so8t_hf.serve.cli"):
-        try:
-            add = __import__(module, fromlist=["add_subparser"]).add_subparser
-        except (ImportError, AttributeError):
-            continue
+    from .chat import add_subparser as add_chat
+    from .serve.cli import add_serve_subparser
+    from .sft_cli import add_subparser as add_train
+
+    for add in (add_train, add_chat, add_serve_subparser):
         add(sub)
     return parser
 
