@@ -91,7 +91,7 @@ def test_unknown_yaml_key_fails_and_flags_override(tmp_path):
     model_args, data_args, train_args = TrlParser((ModelArguments, DataArguments, SO8TConfig)).parse_args_and_config(
         ["--config", str(REPO / "recipes/configs/tiny.yaml"), "--lora_r", "8", "--output_dir", str(tmp_path)]
     )
-    assert model_args.lora_r == 8 and model_args.lora_alpha == 64 and train_args.max_steps == 240
+    assert model_args.lora_r == 8 and model_args.lora_alpha == 64 and train_args.max_steps == 160
 
 
 def test_every_recipe_yaml_parses_and_names_its_launch_line():
