@@ -64,6 +64,26 @@ async def run_level(url: str, clients: int, total: int, seconds: float, max_new_
             "tok_s": tokens / wall, "p50": q(0.50), "p99": q(0.99), "mean": statistics.fmean(lat) * 1000 if lat else 0}
 
 
+def generate_baseline_ms(model_dir: Path, max_new_tokens: int, threads: int, reps: int = 12) -> float:
+    """Median in-process time of the engine's own generate call for one request (no HTTP, queue, audit)."""
+    import torch
+
+    from so8t_hf.serve.generation import GenerationEngine, GenParams, Job, load_model
+
+    torch.set_num_threads(threads)
+    model, tok = load_model(str(model_dir), device="cpu")
+    engine = GenerationEngine(model, tok)
+    ids = engine.encode_messages([{"role": "user", "content": "q"}])
+    loop = asyncio.new_event_loop()
+    times = []
+    for _ in range(reps + 3):  # the first calls warm up
+        t0 = time.perf_counter()
+        engine._generate(Job(ids, GenParams(max_new_tokens), loop, stream=False))
+        times.append((time.perf_counter() - t0) * 1000)
+    loop.close()
+    return statistics.median(times[3:])
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -95,16 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = Path(args.model) if args.model else build_demo_model(work / "model").path
+        baseline = generate_baseline_ms(model, args.max_new_tokens, args.torch_threads)
         server = start_server(model, work, ["--api-key", f"bench:{KEY}", "--torch-threads", str(args.torch_threads),
                                             "--max-queue", str(max(64, 2 * max(args.levels))), "--no-access-log",
                                             "--max-new-tokens-cap", str(max(64, args.max_new_tokens))], name="bench")
         try:
             results = [asyncio.run(run_level(server.url, c, args.requests, args.seconds, args.max_new_tokens))
                        for c in args.levels]
+            fixed = asyncio.run(run_level(server.url, 1, 100, args.seconds, 1))  # 1 token: the per-request overhead
         finally:
             code = server.terminate()
         rows = len(audit_rows(server.audit_db))
-    sent = sum(sum(r["codes"].values()) for r in results) + 2 * len(results)
+    sent = sum(sum(r["codes"].values()) for r in [*results, fixed]) + 2 * (len(results) + 1)
     what = args.model or ("the scripted tiny demo SO8T-Phi3 (vocab 32,064, hidden 64, 2 layers; "
                           "31 generated tokens per request)")
     server_line = (f"Server: `python -m so8t_hf.serve --torch-threads {args.torch_threads} --no-access-log` on "
@@ -123,6 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         other = ", ".join(f"{k}: {v}" for k, v in sorted(r["codes"].items()) if k != 200) or "-"
         lines.append(f"| {r['clients']} | {r['ok']} | {other} | {r['rps']:.1f} | {r['tok_s']:.0f} | "
                      f"{r['p50']:.0f} | {r['p99']:.0f} | {r['mean']:.0f} |")
+    lines += ["", (f"In-process generation of one request (the engine's generate call, same threads, no HTTP, "
+                   f"queue or audit; median of 12 after 3 warm-up calls): {baseline:.0f} ms; the 1-client p50 minus "
+                   "this is the service's own overhead per request.")]
+    lines += ["", (f"1 client, max_new_tokens=1 (HTTP, auth, validation, chat template, queue hand-off, prefill, "
+                   f"one token, fsync'd audit commit): p50 {fixed['p50']:.1f} ms, p99 {fixed['p99']:.1f} ms, "
+                   f"{fixed['rps']:.0f} req/s.")]
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines += ["", (f"Load average at the end {load_end:.2f}. On a shared or busy machine these timings move by tens "
+                   "of percent between runs: compare runs on the same, otherwise idle, machine only.")]
     lines += ["", (f"Audit rows after the run: {rows} for {sent} requests; "
               f"server exit status after SIGTERM: {code}."), ""]
     text = "\n".join(lines)

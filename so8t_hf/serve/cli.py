@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
@@ -140,6 +140,9 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = GenerationEngine(model, tokenizer, tags, args.max_queue, args.workers, name)
     audit = AuditLog(args.audit_db, store_thinking=args.audit_store_thinking)
     app = create_app(engine, keys, audit, settings)
+    if args.host not in ("127.0.0.1", "::1", "localhost"):
+        logger.warning("binding to %s, not loopback: put a TLS-terminating proxy in front (keys travel in headers)",
+                       args.host)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=not args.no_access_log,
