@@ -65,8 +65,17 @@ def rows_by_id(server):
 
 
 def test_healthz_and_metrics(client):
+    import statistics
+    import time
+
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    times = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        client.get("/healthz")
+        times.append(time.perf_counter() - t0)
+    assert statistics.median(times) < 0.03  # no Nagle / delayed-ACK stall (>= 40 ms) on the server socket
     m = client.get("/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
     assert metric(m.text, "so8t_queue_capacity") == QUEUE and "so8t_queue_depth" in m.text

@@ -3,8 +3,10 @@
 import random
 import sqlite3
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from so8t_hf.serve.audit import AuditLog, AuditRow, Metrics
 from so8t_hf.serve.auth import AuthError, KeyStore, hash_secret, parse_key_line
@@ -150,3 +152,53 @@ def test_metrics_prometheus_text():
     assert 'so8t_request_latency_seconds{quantile="0.5"} 0.500000' in text
     assert "so8t_request_latency_seconds_count 10" in text and "so8t_queue_depth 2" in text
     assert "so8t_completion_tokens_total 40" in text
+
+
+# ---------------------------------------------------------------------------- a failing generation
+class _FakeTokenizer:
+    eos_token_id, pad_token_id, chat_template = 2, 0, "fake"
+
+    def get_vocab(self):
+        return {"</final>": 5, "<|end|>": 2}
+
+    def apply_chat_template(self, messages, **kwargs):
+        return "prompt"
+
+    def encode(self, text, add_special_tokens=False):
+        return [1, 3, 4]
+
+    def decode(self, ids, **kwargs):
+        return f"<think-task>{SECRET}"
+
+
+class _FailingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(max_position_embeddings=1000)
+
+    def generate(self, **kwargs):
+        raise RuntimeError(f"generation blew up while holding {SECRET}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_generation_is_a_fixed_500_and_logs_no_text(tmp_path, caplog, stream):
+    from fastapi.testclient import TestClient
+
+    from so8t_hf.serve.app import ServeSettings, create_app
+    from so8t_hf.serve.generation import GenerationEngine
+
+    audit = AuditLog(tmp_path / "audit.db")
+    app = create_app(GenerationEngine(_FailingModel(), _FakeTokenizer()), KeyStore(["k:s"]), audit, ServeSettings())
+    with caplog.at_level("DEBUG"), TestClient(app) as client:
+        r = client.post("/think", json={"query": "q", "stream": stream}, headers={"Authorization": "Bearer s"})
+        rid = r.headers["X-Request-ID"]
+    if stream:
+        assert r.status_code == 200 and "event: error" in r.text and "generation_failed" in r.text
+    else:
+        assert r.status_code == 500 and r.json()["error"]["type"] == "generation_failed"
+    assert SECRET not in r.text and SECRET not in caplog.text and "RuntimeError" in caplog.text
+    con = sqlite3.connect(tmp_path / "audit.db")
+    row = con.execute("SELECT status, outcome FROM audit WHERE request_id=?", (rid,)).fetchone()
+    assert row == (500, "generation_failed")
+    con.close()
