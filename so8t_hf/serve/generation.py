@@ -291,7 +291,7 @@ class GenerationEngine:
                 logger.warning("stream diverged from the final answer (sent %d chars)", len(job.sent))
         if job.cancel.is_set():
             reason = "cancelled"
-        elif (new and new[-1] in self.stop_ids) or (new and new[-1] == self.final_close_id):
+        elif new and (new[-1] in self.stop_ids or final_is_closed(text, self.tags)):
             reason = "stop"
         else:
             reason = "length" if len(new) >= p.max_new_tokens else "stop"
