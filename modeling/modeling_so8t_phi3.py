@@ -54,14 +54,24 @@ class So8Rotation(nn.Module):
         if dim % SO8_BLOCK:
             raise ValueError(f"So8Rotation needs a dimension divisible by {SO8_BLOCK}, got {dim}.")
         self.theta = nn.Parameter(torch.zeros(dim // SO8_BLOCK, SO8_BLOCK, SO8_BLOCK))
+        self._cached: tuple | None = None  # (theta version, data pointer, dtype) -> R, for no-grad forwards
 
     def rotation_matrices(self) -> torch.Tensor:
         """R = exp(A), A = theta - theta^T: (n, 8, 8) in float64 (tiny; keeps R orthogonal to ~1e-15)."""
         theta = self.theta.double()
         return torch.linalg.matrix_exp(theta - theta.transpose(-1, -2))
 
+    def _rotation(self, dtype: torch.dtype) -> torch.Tensor:
+        """R in `dtype`; without autograd (generation) it is computed once per value of theta."""
+        if torch.is_grad_enabled() and self.theta.requires_grad:
+            return self.rotation_matrices().to(dtype)
+        key = (self.theta._version, self.theta.data_ptr(), dtype)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self.rotation_matrices().to(dtype))
+        return self._cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rotation = self.rotation_matrices().to(x.dtype)  # (n, 8, 8)
+        rotation = self._rotation(x.dtype)  # (n, 8, 8)
         blocks = x.unflatten(-1, (-1, SO8_BLOCK))  # (..., n*8) -> (..., n, 8)
         rotated = torch.einsum("...ni,nij->...nj", blocks, rotation)  # x_b @ R_b
         return rotated.flatten(-2)

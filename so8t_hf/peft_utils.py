@@ -40,7 +40,7 @@ def check_lora_targets(model: torch.nn.Module, target_modules) -> None:
         if not any(re.fullmatch(target_modules, name) for name in names):
             raise ValueError(f"LoRA target_modules regex {target_modules!r} matches no module. Linear layers: {linear}.")
         return
-    missing = [t for t in target_modules if not any(name == t or name.endswith("." + t) for name in names)]
+    missing = sorted(t for t in target_modules if not any(name == t or name.endswith("." + t) for name in names))
     if missing:
         raise ValueError(
             f"LoRA target_modules {missing} match no module of {type(model).__name__}. Its linear layers are "

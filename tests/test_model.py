@@ -211,3 +211,19 @@ def test_bf16_load_keeps_so8_generators_fp32(tmp_path):
         ref = model(ids).logits
     assert logits.dtype == torch.bfloat16
     assert ((logits.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_no_grad_rotation_is_cached_until_theta_changes():
+    rotation = So8Rotation(16)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        first = rotation(x)
+        cached = rotation._cached[1]
+        assert rotation(x) is not first and rotation._cached[1] is cached  # reused
+        rotation.theta.add_(0.1)  # an optimizer step / load changes the version
+        changed = rotation(x)
+    assert rotation._cached[1] is not cached
+    torch.testing.assert_close(changed, x @ blockdiag_rotation(rotation).float())
+    out = rotation(x)  # with autograd: fresh R, gradients reach theta
+    out.sum().backward()
+    assert rotation.theta.grad is not None and rotation.theta.grad.abs().sum() > 0
