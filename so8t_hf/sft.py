@@ -37,13 +37,12 @@ def so8t_layers_value(text: str):
     return "all" if text.strip() == "all" else [int(i) for i in text.split(",") if i.strip()]
 
 
-def build_tokenizer(args: ModelArguments, tags):
+def build_tokenizer(args: ModelArguments):
     source = args.tokenizer_name_or_path or (
         tiny_tokenizer_path() if args.model_name_or_path == TINY_MODEL else args.model_name_or_path
     )
     tokenizer = AutoTokenizer.from_pretrained(source)
-    apply_thinking_chat_template(tokenizer)
-    add_thinking_tokens(tokenizer, None, tags)
+    apply_thinking_chat_template(tokenizer)  # the tag tokens are added with the model (build_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -76,7 +75,7 @@ def build_model(args: ModelArguments, tokenizer, tags):
         model = So8tPhi3ForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
         if args.quantization_bits:
             model = prepare_kbit_model(model, dtype)
-    summary = add_thinking_tokens(tokenizer, model, tags)
+    summary = add_thinking_tokens(tokenizer, model, tags)  # spare rows set to the mean embedding, or a resize
     return model.train(), summary
 
 
@@ -128,13 +127,13 @@ def run_thinking_sft(model_args: ModelArguments, data_args: DataArguments, train
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tags = get_tag_preset(model_args.tag_preset)
-    tokenizer = build_tokenizer(model_args, tags)
+    tokenizer = build_tokenizer(model_args)
     model, token_summary = build_model(model_args, tokenizer, tags)
     train, evaluation, eval_messages = build_datasets(
         data_args, tokenizer, training_args.max_length, output_dir, tags, training_args.seed
     )
     eval_rows = eval_messages[: data_args.eval_generation_rows]
-    new_ids = token_summary["new_ids"] if model_args.model_name_or_path != TINY_MODEL else []
+    new_ids = token_summary["new_ids"]  # tag tokens this run added: their embedding rows must train too
     trainer = SO8TTrainer(
         model=model,
         args=training_args,

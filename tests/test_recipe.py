@@ -130,3 +130,32 @@ def test_push_to_hub_uploads_the_output_dir_without_checkpoints(run_dir, monkeyp
     assert calls["upload"] == ("me/so8t-tiny", out, ["checkpoint-*", "checkpoint-*/**", "runs/**"])
     with pytest.raises(ValueError, match="hub_model_id"):
         push_output_dir(out, None)
+
+
+PHI35 = Path(__import__("os").environ.get("SO8T_PHI35_TOKENIZER", REPO.parent / "shared/fixtures/phi35-tokenizer"))
+
+
+@pytest.mark.skipif(not PHI35.is_dir(), reason=f"Phi-3.5 tokenizer fixture not found at {PHI35}")
+def test_phi35_config_on_a_shaped_checkpoint_trains_the_new_tag_rows(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_phi35_shaped
+
+    make_phi35_shaped.main(["--tokenizer", str(PHI35), "--out", str(tmp_path / "base"), "--hidden", "64",
+                            "--layers", "2", "--heads", "4", "--intermediate", "128", "--device", "cpu"])
+    thinking_sft.main([
+        "--config", str(REPO / "recipes/configs/phi35_mini_lora.yaml"), "--model_name_or_path", str(tmp_path / "base"),
+        "--dataset_path", str(REPO / "data/sample"), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+        "--bf16", "false", "--dtype", "float32", "--use_cpu", "true", "--optim", "adamw_torch", "--max_length", "512",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_strategy", "no",
+        "--save_strategy", "no", "--eval_generation_rows", "1", "--eval_max_new_tokens", "8", "--disable_tqdm", "true",
+    ])
+    adapter = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
+    base = load_file(str(tmp_path / "base/model.safetensors"))
+    head = adapter["base_model.model.lm_head.weight"].float()
+    assert any("trainable_tokens_delta" in k for k in adapter)  # the new tag rows of embed_tokens train
+    assert (head[:32011] - base["lm_head.weight"][:32011].float()).abs().max() > 0  # lm_head trains
+    mean = base["lm_head.weight"][:32011].float().mean(0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run/final")
+    tag_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<think-task>", "</final>")]
+    assert all(32011 <= i < 32064 for i in tag_ids)  # spare rows, no resize
+    assert (head[tag_ids] - mean).abs().max() < 1e-2  # started from the mean embedding, moved a little
