@@ -105,7 +105,7 @@ def choose_backend(requested: str, query: torch.Tensor, has_mask: bool, packed: 
         return "flash_attn", "flash-attn installed"
     if fast_kernels and triton_kernel_available() and (packed or TRITON_FOR_DENSE_CAUSAL):
         return "triton", "packed rows: varlen kernel" if packed else "measured faster than SDPA"
-    if packed and not query.is_cuda:
+    if packed and not query.is_cuda:  # measured: benchmarks/results/attention_cpu.md
         return "chunked", "packed rows on CPU: exact, no T x T mask"
     if packed:
         return "sdpa", "packed rows without a varlen kernel: block-diagonal mask"
