@@ -20,7 +20,27 @@ AutoModelForCausalLM.register(So8tPhi3Config, So8tPhi3ForCausalLM, exist_ok=True
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = [
+_LAZY = {  # heavier imports (trl, peft) load on first use, so `import so8t_hf` stays light for remote code
+    "SO8TConfig": "trainer",
+    "SO8TTrainer": "trainer",
+    "LossHasNoGraphError": "trainer",
+    "default_lora_config": "peft_utils",
+    "extract_final": "thinking",
+    "thinking_hash": "thinking",
+    "render_thinking": "thinking",
+    "parse_thinking": "thinking",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'so8t_hf' has no attribute {name!r}")
+
+
+__all__ = [*_LAZY, 
     "BACKEND_COUNTS",
     "So8Rotation",
     "So8tPhi3Config",

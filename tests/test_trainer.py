@@ -253,3 +253,12 @@ def test_pet_schedule_and_trainer_term(tmp_path):
     assert [e["pet_lambda"] for e in logs] == pytest.approx([0.05, 0.25])  # progress 0 and 0.5: phases 1 and 2
     assert all(e["pet_loss"] > 0 for e in logs)
     assert all(e["loss"] > e["nll"] for e in logs)
+
+
+def test_public_api_names_load_lazily():
+    import so8t_hf
+
+    assert so8t_hf.SO8TTrainer is SO8TTrainer and so8t_hf.SO8TConfig is SO8TConfig
+    assert issubclass(so8t_hf.SO8TConfig, __import__("trl").SFTConfig)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        so8t_hf.nope  # noqa: B018
