@@ -3,6 +3,7 @@ packed and sliding-window batches; auto choice and its observability; the chunke
 
 import contextlib
 import copy
+import sys
 
 import pytest
 import torch
@@ -261,3 +262,30 @@ def test_chunked_attention_skips_earlier_sequences_exactly():
     grad = torch.randn_like(out)
     for g, e in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.skipif(not triton_kernel_available(), reason="needs triton (the stand-in for flash-attn)")
+def test_flash_attn_backend_dispatch_with_a_flash_attn_stand_in(monkeypatch):
+    """flash-attn cannot be installed here: stand in our kernel (same calling conventions) to test the dispatch."""
+    import types
+
+    import so8t_hf.attention as attention
+    from so8t_hf import ops
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_func, fake.flash_attn_varlen_func = ops.flash_attn_func, ops.flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(attention, "_backend_unavailable_reason", lambda name, query: None)
+    ref, test = _pair()
+    seqs, ids, position_ids = _packed_batch([6, 9, 4])
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0
+    padded_ids = random_ids(2, 12, seed=12)
+    with torch.no_grad(), force_attention_backend("flash_attn"):
+        packed = test(input_ids=ids, position_ids=position_ids).logits[0]
+        padded = test(input_ids=padded_ids, attention_mask=mask).logits
+        assert so8t_hf.last_backend() == "flash_attn"
+    with torch.no_grad():
+        torch.testing.assert_close(packed, torch.cat([ref(input_ids=s[None]).logits[0] for s in seqs]), atol=1e-5, rtol=1e-4)
+        expected = ref(input_ids=padded_ids, attention_mask=mask).logits
+    torch.testing.assert_close(padded[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-4)
