@@ -20,7 +20,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
@@ -159,12 +158,12 @@ class SO8TTrainer(SFTTrainer):
                 stacklevel=2,
             )
         self.loss_fallback_steps += 1
-        labels = inputs["labels"][:, 1:]
-        lm_head = _unwrap(model).get_output_embeddings()
-        logits = lm_head(hidden[:, :-1].to(lm_head.weight.dtype)).float()  # (B, T-1, V)
-        count = (labels != -100).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(logits.device), ignore_index=-100, reduction="sum")
-        loss = loss / torch.as_tensor(count, device=loss.device)
+        base = _unwrap(model)
+        lm_head = base.get_output_embeddings()
+        logits = lm_head(hidden.to(lm_head.weight.dtype))  # (B, T, V)
+        loss = base.loss_function(  # transformers' causal-LM loss: shift, ignore -100, sum / num_items_in_batch
+            logits=logits, labels=inputs["labels"], vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch
+        )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return loss
