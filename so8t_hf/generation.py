@@ -9,7 +9,7 @@ import torch
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of `messages` rendered with the chat template and the assistant generation prompt."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -35,6 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria
 
 from ..chat_template import apply_thinking_chat_template
+from ..generation import prompt_ids
 from ..thinking import DEFAULT_TAGS, ThinkingTags, extract_final, find_thinking_problems, thinking_hash
 
 __all__ = ["GenParams", "GenResult", "GenerationEngine", "Job", "QueueFull", "final_is_closed", "load_model",
@@ -190,9 +191,8 @@ class GenerationEngine:
     # -- tokenizer ------------------------------------------------------------------------------
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids of a chat (chat template with the generation prompt)."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         with self._tok_lock:
-            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+            return prompt_ids(self.tokenizer, messages)
 
     def decode(self, ids: list[int]) -> str:
         with self._tok_lock:
