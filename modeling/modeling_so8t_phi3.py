@@ -6,11 +6,13 @@ for any generator `theta_b`. Generators start at zero (R = I), so a stock Phi-3 
 identical logits. Merging (`W_o' = W_o @ blockdiag(R)^T`) gives back a plain Phi-3.
 
 Self-contained remote code: torch and transformers only. When the `so8t_hf` package is importable it is
-imported for its side effect of registering `attn_implementation="so8t"` (fast attention backends);
-without it, the model runs on any stock attention implementation (`sdpa`, `eager`, ...).
+imported for its side effect of registering `attn_implementation="so8t"` (fast attention backends) and
+for the Triton kernel of the rotation on CUDA; without it, the model runs on any stock attention
+implementation (`sdpa`, `eager`, ...) and rotates with torch's einsum.
 """
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -34,12 +36,53 @@ try:  # optional: registers attn_implementation="so8t" (the project's fast atten
 except ImportError:
     pass
 
+try:  # optional: the Triton kernel of the rotation (one memory pass instead of einsum's three)
+    from so8t_hf.ops import so8_rotate as _triton_so8_rotate
+    from so8t_hf.ops import triton_available as _triton_available
+except ImportError:
+    _triton_so8_rotate = _triton_available = None
+
 try:  # transformers' init helpers respect the "already loaded" flags of from_pretrained
     from transformers import initialization as init
 except ImportError:  # pragma: no cover - older transformers
     from torch.nn import init
 
 logger = logging.getLogger(__name__)
+
+
+_ROTATION_BACKENDS_LOGGED: set[tuple[str, str]] = set()
+
+
+def _rotation_backend(x: torch.Tensor) -> str:
+    """'triton' or 'einsum' for this input; SO8T_ROTATION_BACKEND=auto|triton|einsum (default auto).
+
+    auto takes the Triton kernel for CUDA tensors outside torch.compile (inductor fuses the einsum
+    itself) when so8t_hf and triton are installed; the choice is logged once per (backend, reason).
+    """
+    wanted = os.environ.get("SO8T_ROTATION_BACKEND", "auto")
+    if wanted not in ("auto", "triton", "einsum"):
+        raise ValueError(f"SO8T_ROTATION_BACKEND={wanted!r}: use auto, triton or einsum.")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's CPU interpreter (tests)
+    kernel_ok = _triton_so8_rotate is not None and _triton_available() and (x.is_cuda or interpreted)
+    if wanted == "triton" and not kernel_ok:
+        raise RuntimeError(
+            "SO8T_ROTATION_BACKEND=triton needs so8t_hf and triton installed and a CUDA tensor "
+            f"(or TRITON_INTERPRET=1); got a {x.device.type} tensor. Unset it to use einsum."
+        )
+    if wanted == "einsum":
+        backend, reason = "einsum", "SO8T_ROTATION_BACKEND=einsum"
+    elif wanted == "triton":
+        backend, reason = "triton", "SO8T_ROTATION_BACKEND=triton"
+    elif torch.compiler.is_compiling():
+        backend, reason = "einsum", "under torch.compile"
+    elif kernel_ok and x.is_cuda:
+        backend, reason = "triton", "CUDA tensor"
+    else:
+        backend, reason = "einsum", "no CUDA tensor" if _triton_so8_rotate is not None else "so8t_hf.ops not installed"
+    if (backend, reason) not in _ROTATION_BACKENDS_LOGGED and not torch.compiler.is_compiling():
+        _ROTATION_BACKENDS_LOGGED.add((backend, reason))
+        logger.info("SO(8) rotation: %s (%s)", backend, reason)
+    return backend
 
 
 class So8Rotation(nn.Module):
@@ -72,6 +115,8 @@ class So8Rotation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotation = self._rotation(x.dtype)  # (n, 8, 8)
+        if _rotation_backend(x) == "triton":
+            return _triton_so8_rotate(x, rotation)
         blocks = x.unflatten(-1, (-1, SO8_BLOCK))  # (..., n*8) -> (..., n, 8)
         rotated = torch.einsum("...ni,nij->...nj", blocks, rotation)  # x_b @ R_b
         return rotated.flatten(-2)

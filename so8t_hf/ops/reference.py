@@ -14,7 +14,7 @@ import math
 
 import torch
 
-__all__ = ["attention_reference", "varlen_attention_reference"]
+__all__ = ["attention_reference", "so8_rotate_reference", "varlen_attention_reference"]
 
 
 def attention_reference(
@@ -81,3 +81,9 @@ def varlen_attention_reference(
             compute_dtype=compute_dtype,
         )[0]
     return out
+
+
+def so8_rotate_reference(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x_b @ R_b for every 8-wide block b of x's last dim; rotation (n, 8, 8), x (..., n*8)."""
+    blocks = x.unflatten(-1, (-1, 8))
+    return torch.einsum("...ni,nij->...nj", blocks, rotation.to(x.dtype)).flatten(-2)
