@@ -18,6 +18,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
@@ -29,6 +30,10 @@ from .rotation import rotation_health
 
 logger = logging.getLogger(__name__)
 
+# Newer transformers name it activation_checkpointing(_kwargs), gradient_checkpointing(_kwargs) being deprecated
+# aliases; older ones (5.17) have only the gradient_checkpointing names. SO8TConfig takes both names on either.
+_HF_ACTIVATION_NAMES = "activation_checkpointing_kwargs" in {f.name for f in dataclasses.fields(TrainingArguments)}
+
 
 class LossHasNoGraphError(RuntimeError):
     """The training loss cannot reach any trainable parameter."""
@@ -38,12 +43,22 @@ class LossHasNoGraphError(RuntimeError):
 class SO8TConfig(SFTConfig):
     """`trl.SFTConfig` plus the SO8T settings."""
 
+    # None = unset: the alias decides, else True (resolved in __post_init__, so an explicit alias is not overridden)
     activation_checkpointing: bool | None = field(
-        default=True, metadata={"help": "Gradient (activation) checkpointing; non-reentrant by default."}
+        default=None,
+        metadata={
+            "help": "Gradient (activation) checkpointing; non-reentrant by default. Defaults to True.",
+            "nargs": "?",
+            "const": True,
+        },
     )
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing.", "nargs": "?", "const": True}
     )
+    if not _HF_ACTIVATION_NAMES:  # transformers knows only gradient_checkpointing_kwargs: add the new name
+        activation_checkpointing_kwargs: dict[str, Any] | str | None = field(
+            default=None, metadata={"help": "Keyword arguments of activation checkpointing (e.g. use_reentrant)."}
+        )
     so8t_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the SO(8) generators (own param group, no weight decay); None = learning_rate."},
@@ -62,10 +77,18 @@ class SO8TConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # activation_checkpointing(_kwargs) win; the gradient_checkpointing(_kwargs) aliases fill them when unset. Both
+        # names then hold the same values: whichever names the installed transformers / TRL read, they see ours.
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = True if self.gradient_checkpointing is None else self.gradient_checkpointing
+        if self.activation_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        self.gradient_checkpointing = self.activation_checkpointing
+        self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
+        super().__post_init__()  # parses a JSON-string gradient_checkpointing_kwargs (and the new name, if it knows it)
         if self.loss_fallback not in ("recover", "error"):
             raise ValueError(f"SO8TConfig.loss_fallback={self.loss_fallback!r}: use 'recover' or 'error'.")
-        kwargs = dict(self.activation_checkpointing_kwargs or {})
+        kwargs = dict(self.gradient_checkpointing_kwargs or {})
         kwargs.setdefault("use_reentrant", False)  # reentrant + frozen inputs gives a loss without a graph
         self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
 
