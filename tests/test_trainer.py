@@ -166,6 +166,22 @@ def test_checkpointing_defaults_to_non_reentrant_and_reentrant_request_still_tra
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if "lora_B" in n)
 
 
+def test_checkpointing_names_and_aliases_agree_on_any_transformers(tmp_path):
+    """activation_checkpointing(_kwargs) win, gradient_checkpointing(_kwargs) fill them when unset; both mirror."""
+    cases = [
+        ({}, True, False),
+        ({"activation_checkpointing": False}, False, False),
+        ({"gradient_checkpointing": False}, False, False),
+        ({"activation_checkpointing": True, "gradient_checkpointing": False}, True, False),
+        ({"gradient_checkpointing_kwargs": {"use_reentrant": True}}, True, True),
+        ({"activation_checkpointing_kwargs": '{"use_reentrant": true}'}, True, True),  # the CLI's JSON string
+    ]
+    for overrides, enabled, reentrant in cases:
+        args = make_args(tmp_path, **overrides)
+        assert args.activation_checkpointing is args.gradient_checkpointing is enabled, overrides
+        assert args.activation_checkpointing_kwargs == args.gradient_checkpointing_kwargs == {"use_reentrant": reentrant}
+
+
 def _first_update(tmp_path, batch, accumulation):
     trainer = make_trainer(
         tmp_path / f"b{batch}", peft=False, max_steps=1, per_device_train_batch_size=batch,
