@@ -115,10 +115,12 @@ def quantization_config(bits: int, compute_dtype: torch.dtype = torch.bfloat16):
 
 
 def prepare_kbit_model(model: torch.nn.Module, compute_dtype: torch.dtype = torch.bfloat16, gradient_checkpointing=True):
-    """`prepare_model_for_kbit_training` with non-reentrant checkpointing, then norms back to `compute_dtype`.
+    """`prepare_model_for_kbit_training` with non-reentrant checkpointing, then every non-quantised parameter
+    back to `compute_dtype` except the SO(8) generators, which stay fp32.
 
-    PEFT upcasts every non-quantised parameter to fp32, which pushes the attention off its fast bf16 kernels;
-    the norms go back to the compute dtype, while the SO(8) generators stay fp32.
+    PEFT upcasts every non-quantised parameter to fp32. fp32 embeddings make the whole residual stream fp32,
+    which pushes attention off its bf16 kernels, and give a trainable `lm_head` copy (new tag-token rows) an
+    fp32 input while SFTTrainer casts the trainable parameters of a quantised model to bf16.
     """
     from peft import prepare_model_for_kbit_training
 
@@ -130,6 +132,6 @@ def prepare_kbit_model(model: torch.nn.Module, compute_dtype: torch.dtype = torc
     for name, param in model.named_parameters():
         if SO8_MODULE in name:
             param.data = param.data.float()
-        elif param.dtype == torch.float32 and param.ndim == 1 and "norm" in name:
+        elif param.dtype == torch.float32:  # quantised weights have integer / uint8 storage and are skipped
             param.data = param.data.to(compute_dtype)
     return model

@@ -278,3 +278,27 @@ def test_public_api_names_load_lazily():
     assert issubclass(so8t_hf.SO8TConfig, __import__("trl").SFTConfig)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         so8t_hf.nope  # noqa: B018
+
+
+def test_kbit_preparation_keeps_a_bf16_stream_and_fp32_so8_through_sftrainers_qlora_cast(tmp_path):
+    """A quantised base (flagged as such: bitsandbytes needs a GPU) with a trainable lm_head copy, as the
+    recipe makes for new tag-token rows: SFTTrainer casts the trainable parameters to bf16, the SO(8)
+    generators come back to fp32, and the steps run (an fp32 residual stream would hit a dtype mismatch)."""
+    from so8t_hf.peft_utils import prepare_kbit_model
+
+    model = prepare_kbit_model(tiny_so8t(seed=0).to(torch.bfloat16), gradient_checkpointing=False)
+    assert {p.dtype for n, p in model.named_parameters() if "so8_rotation" not in n} == {torch.bfloat16}
+    model.is_loaded_in_8bit = True  # what from_pretrained(quantization_config=8-bit) sets
+    config = default_lora_config(r=4, alpha=8, dropout=0.0)
+    config.modules_to_save = [*(config.modules_to_save or []), "lm_head"]
+    trainer = SO8TTrainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=token_dataset(),
+                          processing_class=tiny_tokenizer(), peft_config=config)
+    before = snapshot(trainer.model)
+    trainer.train()
+    after = snapshot(trainer.model)
+    so8 = [n for n in after if "so8_rotation" in n and "modules_to_save" in n]
+    assert so8 and all(after[n].dtype == torch.float32 and not torch.equal(before[n], after[n]) for n in so8)
+    head = [n for n in after if "lm_head.modules_to_save" in n]
+    assert head and all(after[n].dtype == torch.bfloat16 and not torch.equal(before[n], after[n]) for n in head)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
