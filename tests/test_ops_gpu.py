@@ -32,13 +32,13 @@ def _grads(fn, tensors, dout):
     return out, torch.autograd.grad(out, leaves, dout.to(out.dtype))
 
 
-def _assert_rule(fn, ref_fn, tensors, dout, eps=1e-3):
+def _assert_rule(fn, ref_fn, tensors, dout, eps=1e-3, names=("out", "dq", "dk", "dv")):
     """fn: our kernel; ref_fn(*tensors, compute_dtype): PyTorch attention in that precision."""
     out, grads = _grads(fn, tensors, dout)
     ref, ref_grads = _grads(lambda *t: ref_fn(*[x.float() for x in t], compute_dtype=torch.float32), tensors, dout)
     pt, pt_grads = _grads(lambda *t: ref_fn(*t, compute_dtype=None), tensors, dout)  # bf16 throughout
     report = []
-    for name, a, r, p in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (pt, *pt_grads)):
+    for name, a, r, p in zip(names, (out, *grads), (ref, *ref_grads), (pt, *pt_grads)):
         assert torch.isfinite(a).all(), f"{name}: non-finite values"
         err = (a.float() - r).abs().max().item()
         err_pt = (p.float() - r).abs().max().item()
@@ -107,3 +107,21 @@ def test_fp32_inputs_on_gpu():
     out = flash_attn_func(q, k, v, causal=True)
     ref = attention_reference(q.double(), k.double(), v.double(), causal=True, compute_dtype=torch.float64)
     assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+def test_so8_rotation_bf16_tolerance_rule():
+    # Phi-3.5-mini attention output (B4 x T2048 x 3072), 384 SO(8) blocks: y, dx, dR
+    from so8t_hf.ops import so8_rotate, so8_rotate_reference
+
+    torch.manual_seed(5)
+    theta = torch.randn(384, 8, 8, device="cuda", dtype=torch.float64) * 0.3
+    rotation = torch.linalg.matrix_exp(theta - theta.transpose(-1, -2))
+    x = torch.randn(4, 2048, 3072, device="cuda", dtype=DTYPE)
+    dy = torch.randn_like(x)
+    _assert_rule(
+        lambda a, r: so8_rotate(a, r),
+        lambda a, r, compute_dtype: so8_rotate_reference(a, r.to(compute_dtype or a.dtype)),
+        (x, rotation.to(DTYPE)),
+        dy,
+        names=("y", "dx", "dR"),
+    )

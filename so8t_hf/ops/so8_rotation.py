@@ -15,6 +15,7 @@ Accumulation is fp32; fp32 inputs use exact ("ieee") products.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -91,6 +92,11 @@ def _blocks(n_cols: int) -> tuple[int, int, int]:
     return 128, block_c, 4
 
 
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index if device_index is not None else 0).multi_processor_count
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -130,10 +136,7 @@ def rotate_rows_backward(x: torch.Tensor, dy: torch.Tensor, rotation: torch.Tens
     n_rows, n_cols = x.shape
     block_m, block_c, warps = _blocks(n_cols)
     col_tiles = triton.cdiv(n_cols, block_c)
-    if INTERPRET or x.device.type != "cuda":
-        programs = 4
-    else:
-        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    programs = 4 if INTERPRET or x.device.type != "cuda" else 4 * _sm_count(x.device.index)
     splits = max(1, min(triton.cdiv(n_rows, block_m), triton.cdiv(programs, col_tiles)))
     partial = torch.empty(splits, n_cols // BLOCK, BLOCK, BLOCK, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dx else dy  # dy: unused pointer
