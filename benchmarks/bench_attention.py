@@ -5,7 +5,8 @@ flushed between calls), TFLOP/s for forward and forward+backward (causal FLOPs c
 dense: fwd = 2 * 2 * B*H*T*S*D / 2, fwd+bwd = 3.5 x fwd), and the peak extra memory of one
 forward+backward. Also: a packed batch of a realistic length mix through our varlen kernel vs
 the same sequences padded to the longest through SDPA (tokens/s counts real tokens only), and the
-cost of a separate SO(8) output rotation (the question whether fusing it into the kernel pays).
+cost of the SO(8) output rotation as a separate op: our Triton kernel vs torch's einsum (the question
+whether fusing it into the attention kernel would pay).
 
     PYTHONPATH=$PWD python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.md
     python benchmarks/bench_attention.py --smoke   # CPU, interpreter, tiny sizes: checks the script only
@@ -79,6 +80,7 @@ def make_flex(T, causal=True, doc=None):
         m = qi >= ki if causal else qi >= 0
         return m if doc is None else m & (doc[qi] == doc[ki])
 
+    torch._dynamo.reset()  # one compiled variant per shape; never hit dynamo's recompile limit (it falls back unfused)
     block_mask = create_block_mask(mask_mod, None, None, T, T, device=DEV)
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
@@ -96,6 +98,9 @@ def dense_rows(B, T, H, D, rep, with_flex=True):
     }
     if D & (D - 1) == 0:
         backends.pop("triton, D padded to pow2")
+    backends["sdpa (torch's default choice)"] = (
+        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), (qh, kh, vh, douth)
+    )
     for name, be in SDPA.items():
         backends[name] = (
             (lambda be: lambda a, b, c: _sdpa(be, a, b, c))(be), (qh, kh, vh, douth)
@@ -177,13 +182,15 @@ def packed_rows(H, D, total, lo, hi, rep, with_flex=True):
 
 def rotation_rows(B, T, H, D, rep):
     """The SO(8) rotation as a separate op on the attention output, (B, T, H*D/8, 8) x (H*D/8, 8, 8):
-    the einsum of modeling_so8t_phi3.So8Rotation and a broadcast matmul. fwd: y; fwd+bwd: dx and dR."""
+    our Triton kernel (so8t_hf.ops.so8_rotate), torch's einsum (the model's fallback) and a broadcast
+    matmul. fwd: y; fwd+bwd: dx and dR."""
     G = H * D // 8
     x = torch.randn(B, T, H * D, device=DEV, dtype=DT, requires_grad=True)
     A = 0.1 * torch.randn(G, 8, 8, device=DEV)
     R = torch.linalg.matrix_exp(A - A.mT).to(DT).requires_grad_()  # (G, 8, 8) rotations
     dy = torch.randn(B, T, H * D, device=DEV, dtype=DT)
     ops_ = {
+        "triton kernel (ours)": lambda: ops.so8_rotate(x, R),
         'einsum("...ni,nij->...nj")': lambda: torch.einsum("...ni,nij->...nj", x.view(B, T, G, 8), R).reshape(B, T, -1),
         "(x.view(B,T,G,1,8) @ R)": lambda: (x.view(B, T, G, 1, 8) @ R).view(B, T, H * D),
     }
@@ -194,6 +201,14 @@ def rotation_rows(B, T, H, D, rep):
         rows.append((name, f, fb))
     floor_ms = 2 * x.numel() * x.element_size() / 3.0e12 * 1e3  # fwd: read x + write y at ~3 TB/s
     return rows, floor_ms
+
+
+def _sdpa_priority() -> str:
+    try:
+        order = torch._C._get_sdp_priority_order()
+        return ", ".join(SDPBackend(i).name for i in order)
+    except Exception as e:  # private API: report, do not fail the benchmark
+        return f"unknown ({type(e).__name__})"
 
 
 def fmt(x, spec="{:.3f}"):
@@ -221,7 +236,8 @@ def main():
     lines = [f"# Attention kernels on {gpu}", "",
              f"torch {torch.__version__}, triton {triton.__version__}, bf16, causal, H={H}; median of "
              f"do_bench over {args.rep} ms; TFLOP/s with causal FLOPs halved; peak = extra MiB of one fwd+bwd; "
-             "err = max |out - cuDNN out|.", ""]
+             "err = max |out - cuDNN out|.", "",
+             f"torch's SDPA priority order here: {_sdpa_priority()}.", ""]
 
     def flush():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -263,11 +279,12 @@ def main():
               "(dx = dy R^T, dR = sum x^T dy) about 3x that.", "",
               "| op | fwd ms | fwd+bwd ms |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {f:.3f} | {fb:.3f} |" for name, f, fb in rot_rows]
-    for be in ("triton (ours)", "sdpa-cudnn"):
-        if first_fb.get(be):
-            lines.append(f"\nRotation ({rot_rows[0][0]}) fwd+bwd = {100 * rot_rows[0][2] / first_fb[be]:.1f}% of {be} "
-                         "attention fwd+bwd at this shape.")
-    print("\n".join(lines[-len(rot_rows) - 8:]), flush=True)
+    for rot_name, _, rot_fb in rot_rows[:2]:
+        for be in ("triton (ours)", "sdpa-cudnn"):
+            if first_fb.get(be):
+                lines.append(f"\nRotation ({rot_name}) fwd+bwd = {100 * rot_fb / first_fb[be]:.1f}% of {be} "
+                             "attention fwd+bwd at this shape.")
+    print("\n".join(lines[-len(rot_rows) - 12:]), flush=True)
     flush()
 
     try:  # which configs the autotuner picked
