@@ -155,8 +155,8 @@ class SO8TTrainer(SFTTrainer):
         learning = model.training and torch.is_grad_enabled()
         if learning and not loss.requires_grad and any(p.requires_grad for p in model.parameters()):
             loss = self._recover_loss(model, inputs, hidden, num_items_in_batch)
-        if learning:
-            self._metrics["train"]["nll"].append(loss.detach().item())
+        if learning:  # the mean over processes, like the logged loss (each rank's share is scaled to the global mean)
+            self._metrics["train"]["nll"].append(self.accelerator.gather(loss.detach()).float().mean().item())
         if learning and self.args.pet_lambda > 0 and hidden is not None:
             loss = loss + self._pet_term(inputs, hidden, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss

@@ -159,3 +159,34 @@ def test_phi35_config_on_a_shaped_checkpoint_trains_the_new_tag_rows(tmp_path):
     tag_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<think-task>", "</final>")]
     assert all(32011 <= i < 32064 for i in tag_ids)  # spare rows, no resize
     assert (head[tag_ids] - mean).abs().max() < 1e-2  # started from the mean embedding, moved a little
+
+
+def test_ddp_two_cpu_processes_follow_the_single_process_loss_curve(tmp_path):
+    """torchrun, 2 CPU processes (gloo DDP) x batch 1 == 1 process x batch 2: same samples per step, the loss
+    averaged over all tokens of both ranks, gradients all-reduced. Also: outputs written once, nll == loss."""
+    import subprocess
+
+    common = [
+        "--config", str(REPO / "recipes/configs/tiny.yaml"), "--dataset_path", str(REPO / "data/sample"),
+        "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1",
+        "--max_length", "256", "--eval_generation_rows", "0", "--tiny_hidden_size", "64",
+        "--tiny_intermediate_size", "128", "--disable_tqdm", "true", "--use_cpu", "true",
+    ]
+    script = str(REPO / "recipes/thinking_sft.py")
+    runs = {
+        "single": [sys.executable, script, *common, "--per_device_train_batch_size", "2"],
+        "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *common,
+                "--per_device_train_batch_size", "1", "--ddp_backend", "gloo"],
+    }
+    logs = {}
+    for name, cmd in runs.items():
+        out = tmp_path / name
+        proc = subprocess.run([*cmd, "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[name] = [e for e in json.loads((out / "training_log.json").read_text()) if "loss" in e]
+        assert (out / "final/model.safetensors").is_file() and (out / "adapter/adapter_model.safetensors").is_file()
+    assert [e["step"] for e in logs["ddp"]] == [1, 2, 3]  # one writer, not one log per rank
+    for single, ddp in zip(logs["single"], logs["ddp"]):
+        assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        assert ddp["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-3)
+        assert ddp["nll"] == pytest.approx(ddp["loss"], rel=1e-5)
