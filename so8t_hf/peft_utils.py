@@ -130,8 +130,15 @@ def prepare_kbit_model(model: torch.nn.Module, compute_dtype: torch.dtype = torc
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     for name, param in model.named_parameters():
-        if SO8_MODULE in name:
-            param.data = param.data.float()
-        elif param.dtype == torch.float32:  # quantised weights have integer / uint8 storage and are skipped
+        if SO8_MODULE not in name and param.dtype == torch.float32:  # quantised weights: integer storage, skipped
             param.data = param.data.to(compute_dtype)
+    keep_so8_fp32(model)
     return model
+
+
+def keep_so8_fp32(model: torch.nn.Module) -> None:
+    """Put the SO(8) generators back to fp32 wherever a blanket cast moved them (small angle updates vanish in
+    bf16's 8-bit mantissa)."""
+    for name, param in model.named_parameters():
+        if SO8_MODULE in name and param.dtype != torch.float32:
+            param.data = param.data.float()

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from .peft_utils import SO8_MODULE, format_parameter_summary, parameter_groups, prepare_peft_config
+from .peft_utils import SO8_MODULE, format_parameter_summary, keep_so8_fp32, parameter_groups, prepare_peft_config
 from .pet import pet_lambda_at, pet_penalty
 from .rotation import rotation_health
 
@@ -121,11 +121,7 @@ class SO8TTrainer(SFTTrainer):
         if args.activation_checkpointing and args.activation_checkpointing_kwargs.get("use_reentrant"):
             model.enable_input_require_grads()  # reentrant checkpointing needs inputs that require grad
         super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
-        # SFTTrainer casts every trainable parameter of a quantised model to bf16 (QLoRA paper); the SO(8)
-        # generators stay fp32: small angle updates vanish in bf16's 8-bit mantissa
-        for name, param in self.model.named_parameters():
-            if SO8_MODULE in name and param.is_floating_point() and param.dtype != torch.float32:
-                param.data = param.data.float()
+        keep_so8_fp32(self.model)  # SFTTrainer casts every trainable parameter of a quantised model to bf16
         self.loss_fallback_steps = 0
         self._captured: dict[str, torch.Tensor] = {}
         self._hook = self._last_hidden_module().register_forward_hook(self._capture_hidden)

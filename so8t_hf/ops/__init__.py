@@ -2,8 +2,9 @@
 
 ``flash_attn_func`` / ``flash_attn_varlen_func`` follow the flash-attn package's calling
 conventions and run the Triton kernel of ``flash_attention.py``; ``so8_rotate`` is the SO(8)
-output rotation of ``so8_rotation.py``. They raise a RuntimeError when triton is missing. ``triton_available()`` says whether they can run here: triton imports and a
-CUDA GPU is present, or TRITON_INTERPRET=1 (the CPU interpreter, for tests).
+output rotation of ``so8_rotation.py``. They raise a RuntimeError when triton is missing.
+``triton_available()`` says whether they can run here: triton imports and a CUDA GPU is present,
+or TRITON_INTERPRET=1 (the CPU interpreter, for tests).
 """
 
 from __future__ import annotations

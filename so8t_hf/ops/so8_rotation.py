@@ -16,13 +16,13 @@ Accumulation is fp32; fp32 inputs use exact ("ieee") products.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._flash_common import INTERPRET, dot_precision
+
 BLOCK = 8  # the SO(8) block
 
 
@@ -97,10 +97,6 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index if device_index is not None else 0).multi_processor_count
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _check(x: torch.Tensor, rotation: torch.Tensor) -> None:
     n_cols = x.shape[-1]
     if rotation.dim() != 3 or rotation.shape[1:] != (BLOCK, BLOCK) or rotation.shape[0] * BLOCK != n_cols:
@@ -126,7 +122,7 @@ def rotate_rows(x: torch.Tensor, rotation: torch.Tensor, transpose: bool = False
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_c))
     _rotate_fwd_kernel[grid](
         x, rotation, y, n_rows, n_cols, x.stride(0), y.stride(0),
-        TRANSPOSE=transpose, DOT_PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+        TRANSPOSE=transpose, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
     )
     return y
 
@@ -142,7 +138,7 @@ def rotate_rows_backward(x: torch.Tensor, dy: torch.Tensor, rotation: torch.Tens
     dx = torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dx else dy  # dy: unused pointer
     _rotate_bwd_kernel[(splits, col_tiles)](
         x, dy, rotation, dx, partial, n_rows, n_cols, x.stride(0), dy.stride(0), dx.stride(0), splits * block_m,
-        STORE_DX=need_dx, DOT_PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+        STORE_DX=need_dx, DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
     )
     return (dx if need_dx else None), partial.sum(0)
 
