@@ -145,7 +145,8 @@ class So8tPhi3Attention(Phi3Attention):
         super().__init__(config, layer_idx)
         self.so8_rotation = So8Rotation(config.num_attention_heads * self.head_dim)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, cache=None, **kwargs):
+        cache = cache if cache is not None else past_key_values  # transformers >= 5.24 passes `cache`, older ones `past_key_values`
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -158,8 +159,8 @@ class So8tPhi3Attention(Phi3Attention):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

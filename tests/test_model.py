@@ -227,3 +227,23 @@ def test_no_grad_rotation_is_cached_until_theta_changes():
     out = rotation(x)  # with autograd: fresh R, gradients reach theta
     out.sum().backward()
     assert rotation.theta.grad is not None and rotation.theta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "so8t"])
+def test_kv_cache_generation_equals_stock_phi3_and_full_recompute(attn):
+    """Decoding with a KV cache (left-padded batch) gives the stock Phi-3's tokens and those of a cache-free
+    recompute: the attention must update whichever cache argument the installed transformers passes."""
+    stock = tiny_phi3(seed=5)
+    model = So8tPhi3ForCausalLM(So8tPhi3Config(**TINY)).eval()
+    model.load_state_dict(stock.state_dict(), strict=False)  # identity rotations
+    stock.config._attn_implementation = "eager" if attn == "so8t" else attn
+    model.config._attn_implementation = attn
+    prompt = random_ids(2, 9, seed=8)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, attention_mask=mask)
+    expected = stock.generate(prompt, **kwargs)
+    cached = model.generate(prompt, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert cached.tolist() == expected.tolist()
+    assert uncached.tolist() == expected.tolist()
