@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from so8t_hf.attention import _BACKEND_FORWARD, choose_backend
+from so8t_hf.integrations.attention import _BACKEND_FORWARD, choose_backend
 
 LENGTH_MIX = [700, 300, 512, 128, 400]  # one packed row of 2040 tokens, five sequences
 

@@ -68,7 +68,7 @@ def generate_baseline_ms(model_dir: Path, max_new_tokens: int, threads: int, rep
     """Median in-process time of the engine's own generate call for one request (no HTTP, queue, audit)."""
     import torch
 
-    from so8t_hf.serve.generation import GenerationEngine, GenParams, Job, load_model
+    from so8t_hf.serve.engine import GenerationEngine, GenParams, Job, load_model
 
     torch.set_num_threads(threads)
     model, tok = load_model(str(model_dir), device="cpu")

@@ -1,22 +1,20 @@
 """Thinking SFT of SO8T-Phi3: config -> build -> train -> evaluate -> save.
 
-    accelerate launch recipes/thinking_sft.py --config recipes/configs/tiny.yaml
+    accelerate launch recipes/thinking_sft.py --config recipes/configs/tiny.yaml [--max_steps 20 ...]
 
-YAML keys are the dataclass field names (see --help); flags override the YAML; unknown keys fail.
+YAML keys are the field names of the three configs (see --help); flags override the YAML; unknown keys fail.
+`so8t-hf train` runs the same parser in one process.
 """
 
+import logging
 import sys
 
-from trl import TrlParser
-
-from so8t_hf.sft import run_thinking_sft
-from so8t_hf.sft_config import DataArguments, ModelArguments
-from so8t_hf.trainer import SO8TConfig
+from so8t_hf.sft import make_parser, run_thinking_sft
 
 
 def main(argv=None) -> dict:
-    parser = TrlParser((ModelArguments, DataArguments, SO8TConfig))
-    model_args, data_args, training_args = parser.parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_args, data_args, training_args = make_parser().parse_args_and_config(argv)
     metrics = run_thinking_sft(model_args, data_args, training_args)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics

@@ -28,8 +28,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from so8t_hf.chat_template import PHI3_THINKING_CHAT_TEMPLATE
-from so8t_hf.data import load_thinking_dataset
+from so8t_hf.thinking.chat_template import PHI3_THINKING_CHAT_TEMPLATE
+from so8t_hf.thinking.data import load_thinking_dataset
 from so8t_hf.thinking import DEFAULT_TAGS
 
 REPO = Path(__file__).resolve().parents[1]

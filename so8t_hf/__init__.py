@@ -1,53 +1,50 @@
 """so8t_hf: fine-tune Phi-3 / Phi-3.5-mini with SO(8) attention rotations on the Hugging Face Trainer.
 
-Importing the package registers `attn_implementation="so8t"` with transformers.
+`import so8t_hf` turns on the fast paths for every SO8T-Phi3 model in the process, remote-code ones
+included (as `liger_kernel.transformers.apply_liger_kernel` does for stock models): it registers
+`attn_implementation="so8t"` with transformers and the Triton SO(8) rotation as the `torch.library`
+op `so8t::so8_rotate`, which the model looks up. Everything else loads lazily on first use.
 """
 
+from __future__ import annotations
+
+import importlib
 import logging
+from typing import TYPE_CHECKING
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from so8t_hf import integrations  # noqa: F401  (registers the attention, the mask function and the rotation op)
 
-from . import attention  # noqa: F401  (registers attn_implementation="so8t")
-from .attention import BACKEND_COUNTS, force_attention_backend, last_backend
-from .modeling.configuration_so8t_phi3 import So8tPhi3Config
-from .modeling.modeling_so8t_phi3 import So8Rotation, So8tPhi3ForCausalLM
-from .rotation import merge_so8t_rotations, rotation_health, so8_rotations
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
-
-AutoConfig.register(So8tPhi3Config.model_type, So8tPhi3Config, exist_ok=True)
-AutoModelForCausalLM.register(So8tPhi3Config, So8tPhi3ForCausalLM, exist_ok=True)
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())
-
-_LAZY = {  # heavier imports (trl, peft) load on first use, so `import so8t_hf` stays light for remote code
-    "SO8TConfig": "trainer",
-    "SO8TTrainer": "trainer",
-    "LossHasNoGraphError": "trainer",
-    "default_lora_config": "peft_utils",
-    "extract_final": "thinking",
-    "thinking_hash": "thinking",
-    "render_thinking": "thinking",
-    "parse_thinking": "thinking",
+_import_structure: dict[str, list[str]] = {
+    "integrations.attention": ["BACKEND_COUNTS", "force_attention_backend", "last_backend"],
+    "modeling": ["So8Rotation", "So8tPhi3Config", "So8tPhi3ForCausalLM"],
+    "rotation": ["merge_so8t_rotations", "rotation_health", "so8_rotations"],
+    "training": ["LossHasNoGraphError", "SO8TConfig", "SO8TTrainer", "default_lora_config"],
+    "thinking": ["extract_final", "parse_thinking", "render_thinking", "thinking_hash"],
 }
 
+if TYPE_CHECKING:
+    from so8t_hf.integrations.attention import BACKEND_COUNTS, force_attention_backend, last_backend
+    from so8t_hf.modeling import So8Rotation, So8tPhi3Config, So8tPhi3ForCausalLM
+    from so8t_hf.rotation import merge_so8t_rotations, rotation_health, so8_rotations
+    from so8t_hf.thinking import extract_final, parse_thinking, render_thinking, thinking_hash
+    from so8t_hf.training import LossHasNoGraphError, SO8TConfig, SO8TTrainer, default_lora_config
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+_NAME_TO_MODULE = {name: module for module, names in _import_structure.items() for name in names}
+__all__ = sorted(_NAME_TO_MODULE)
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
+def __getattr__(name: str):
+    if name in _NAME_TO_MODULE:
+        value = getattr(importlib.import_module(f"so8t_hf.{_NAME_TO_MODULE[name]}"), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'so8t_hf' has no attribute {name!r}")
 
 
-__all__ = [*_LAZY, 
-    "BACKEND_COUNTS",
-    "So8Rotation",
-    "So8tPhi3Config",
-    "So8tPhi3ForCausalLM",
-    "force_attention_backend",
-    "last_backend",
-    "merge_so8t_rotations",
-    "rotation_health",
-    "so8_rotations",
-]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from .modeling.configuration_so8t_phi3 import So8tPhi3Config
-from .modeling.modeling_so8t_phi3 import So8Rotation
+from so8t_hf.modeling.configuration_so8t_phi3 import So8tPhi3Config
+from so8t_hf.modeling.modeling_so8t_phi3 import So8Rotation
 
 _SO8T_CONFIG_KEYS = ("so8t_layers", "so8t_attn_backend", "auto_map", "architectures", "model_type")
 

@@ -93,7 +93,7 @@ def build_demo_model(out_dir: str | Path, pieces=SCRIPT_PIECES, seed: int = 0) -
     from tiny_models import tiny_so8t
     from transformers import AutoTokenizer
 
-    from so8t_hf.chat_template import add_thinking_tokens, apply_thinking_chat_template
+    from so8t_hf.thinking.chat_template import add_thinking_tokens, apply_thinking_chat_template
 
     out_dir = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(PHI35_TOKENIZER)

@@ -10,7 +10,7 @@ import torch
 from tiny_models import random_ids, randomize_rotations, tiny_phi3, tiny_so8t
 
 import so8t_hf
-from so8t_hf.attention import BACKEND_COUNTS, choose_backend, force_attention_backend, so8t_mask, triton_kernel_available
+from so8t_hf.integrations.attention import BACKEND_COUNTS, choose_backend, force_attention_backend, so8t_mask, triton_kernel_available
 from so8t_hf.ops.chunked_attention import chunked_attention
 
 CPU_BACKENDS = ["eager", "sdpa", "chunked"] + (["triton"] if triton_kernel_available() else [])
@@ -269,7 +269,7 @@ def test_flash_attn_backend_dispatch_with_a_flash_attn_stand_in(monkeypatch):
     """flash-attn cannot be installed here: stand in our kernel (same calling conventions) to test the dispatch."""
     import types
 
-    import so8t_hf.attention as attention
+    import so8t_hf.integrations.attention as attention
     from so8t_hf import ops
 
     fake = types.ModuleType("flash_attn")

@@ -3,6 +3,7 @@ truncation report, train/eval split, label masks through the tiny tokenizer and 
 TRL's dataset preparation, and tag tokenisation with the real Phi-3.5 tokenizer."""
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from so8t_hf.chat_template import add_thinking_tokens, apply_thinking_chat_template, thinking_labels
-from so8t_hf.data import (
+from so8t_hf.thinking.chat_template import add_thinking_tokens, apply_thinking_chat_template, thinking_labels
+from so8t_hf.thinking.data import (
     DataValidationError,
     check_truncation,
     drop_truncated,
@@ -22,7 +23,7 @@ from so8t_hf.data import (
     split_train_eval,
     tiny_tokenizer_path,
 )
-from so8t_hf.data_validation import row_shape
+from so8t_hf.thinking.validation import row_shape
 from so8t_hf.thinking import DEFAULT_TAGS, find_thinking_problems, get_tag_preset, render_thinking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,14 +210,15 @@ def test_error_lists_every_problem_and_caps_the_message(tmp_path):
     assert lines[50] == f"{path}:18: field 'thinking.policy': missing"
 
 
-def test_skip_mode_prints_count_and_writes_report(tmp_path, capsys):
+def test_skip_mode_logs_count_and_writes_report(tmp_path, caplog):
     rows = [SHAPES[2][0], BAD_ROWS[0][0], SHAPES[0][0], "{oops", SHAPES[3][0], BAD_ROWS[13][0], SHAPES[1][0]]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows, blank_after=2)
     report = tmp_path / "out" / "bad_rows.json"
-    ds = load_thinking_dataset(path, on_bad_rows="skip", report_path=report)
+    with caplog.at_level(logging.WARNING, logger="so8t_hf"):
+        ds = load_thinking_dataset(path, on_bad_rows="skip", report_path=report)
     assert ds["source"] == [f"{path}:{n}" for n in (1, 4, 6, 8)]
-    assert capsys.readouterr().err == (f"so8t_hf.data: skipped 3 of 7 rows with problems (3 problems); "
-                                       f"report: {report}\n")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("so8t_hf.thinking.data", f"skipped 3 of 7 rows with problems (3 problems); report: {report}")]
     assert json.loads(report.read_text()) == {
         "files": [str(path)], "on_bad_rows": "skip", "total_rows": 7, "bad_rows": 3, "skipped_rows": 3,
         "kept_rows": 4, "problems": [
@@ -227,11 +229,12 @@ def test_skip_mode_prints_count_and_writes_report(tmp_path, capsys):
         ]}
 
 
-def test_error_mode_report_and_clean_load_print_nothing(tmp_path, capsys):
+def test_error_mode_report_and_clean_load_log_nothing(tmp_path, caplog):
     path = write_jsonl(tmp_path / "ok.jsonl", [SHAPES[2][0]])
     report = tmp_path / "report.json"
-    assert len(load_thinking_dataset(path, report_path=report)) == 1
-    assert capsys.readouterr().err == ""
+    with caplog.at_level(logging.DEBUG, logger="so8t_hf"):
+        assert len(load_thinking_dataset(path, report_path=report)) == 1
+    assert caplog.records == []
     assert json.loads(report.read_text())["problems"] == []
     write_jsonl(path, [SHAPES[2][0], BAD_ROWS[0][0]])
     with pytest.raises(DataValidationError):
@@ -285,7 +288,7 @@ def test_split_train_eval_is_seeded_and_disjoint():
 # ------------------------------------------------------------------------------------ truncation
 
 
-def test_check_truncation_reports_and_drops(tmp_path, tiny_tok, capsys):
+def test_check_truncation_reports_and_drops(tmp_path, tiny_tok, caplog):
     long = {"instruction": "Q", "thinking": SECTIONS, "final": "A long answer. " * 20}
     path = write_jsonl(tmp_path / "t.jsonl", [SHAPES[2][0], long])
     ds = load_thinking_dataset(path)
@@ -299,10 +302,11 @@ def test_check_truncation_reports_and_drops(tmp_path, tiny_tok, capsys):
     assert (keeps.index, keeps.source, keeps.num_tokens, keeps.final_end, keeps.cuts_final) == (
         1, f"{path}:2", len(ids[1]), final_end, False)
     report = tmp_path / "trunc.json"
-    (cut,) = check_truncation(ds, tiny_tok, final_end - 1, report_path=report)
+    with caplog.at_level(logging.WARNING, logger="so8t_hf"):
+        (cut,) = check_truncation(ds, tiny_tok, final_end - 1, report_path=report)
     assert cut.cuts_final and str(cut) == (f"{path}:2: {len(ids[1])} tokens > max_length {final_end - 1}; "
                                            "truncation cuts </final> off")
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"1 of 2 rows exceed max_length={final_end - 1} tokens; 1 would lose </final>" in err
     assert json.loads(report.read_text())["truncated"][0]["final_end"] == final_end
     assert len(drop_truncated(ds, [keeps])) == 2 and len(drop_truncated(ds, [keeps], only_cut_final=False)) == 1

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from so8t_hf.metrics import METRIC_NAMES, compute_thinking_metrics, load_thinking_metrics, metric_path
-from so8t_hf.metrics.scoring import (
+from so8t_hf.thinking.metrics import METRIC_NAMES, compute_thinking_metrics, load_thinking_metrics, metric_path
+from so8t_hf.thinking.metrics.scoring import (
     final_exact_match,
     format_compliance,
     leaks_thinking,
@@ -132,7 +132,7 @@ BLOCKED = textwrap.dedent("""
         raise OSError("network access attempted")
     socket.socket.connect = socket.socket.connect_ex = refuse
     socket.create_connection = socket.getaddrinfo = refuse
-    from so8t_hf.metrics import load_thinking_metrics, compute_thinking_metrics
+    from so8t_hf.thinking.metrics import load_thinking_metrics, compute_thinking_metrics
     metrics = load_thinking_metrics()
     print(sorted(metrics))
     print(compute_thinking_metrics([{good!r}], ["It is 4."]))

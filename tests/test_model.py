@@ -118,8 +118,8 @@ def test_save_writes_auto_map_and_modeling_files(tmp_path):
         "AutoConfig": "configuration_so8t_phi3.So8tPhi3Config",
         "AutoModelForCausalLM": "modeling_so8t_phi3.So8tPhi3ForCausalLM",
     }
-    assert (tmp_path / "configuration_so8t_phi3.py").read_text() == (REPO / "modeling/configuration_so8t_phi3.py").read_text()
-    assert (tmp_path / "modeling_so8t_phi3.py").read_text() == (REPO / "modeling/modeling_so8t_phi3.py").read_text()
+    assert (tmp_path / "configuration_so8t_phi3.py").read_text() == (REPO / "so8t_hf/modeling/configuration_so8t_phi3.py").read_text()
+    assert (tmp_path / "modeling_so8t_phi3.py").read_text() == (REPO / "so8t_hf/modeling/modeling_so8t_phi3.py").read_text()
 
 
 def test_remote_code_load_in_a_process_without_so8t_hf(tmp_path):
@@ -213,16 +213,22 @@ def test_bf16_load_keeps_so8_generators_fp32(tmp_path):
     assert ((logits.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
-def test_no_grad_rotation_is_cached_until_theta_changes():
+@pytest.mark.parametrize("bumps_version", [True, False])
+def test_no_grad_rotation_is_cached_until_theta_changes(bumps_version):
     rotation = So8Rotation(16)
     x = torch.randn(2, 16)
     with torch.no_grad():
         first = rotation(x)
-        cached = rotation._cached[1]
-        assert rotation(x) is not first and rotation._cached[1] is cached  # reused
-        rotation.theta.add_(0.1)  # an optimizer step / load changes the version
+        cached = rotation._cached[2]
+        assert rotation(x) is not first and rotation._cached[2] is cached  # reused
+        version = rotation.theta._version
+        if bumps_version:
+            rotation.theta.add_(0.1)  # an optimizer step / load changes the version
+        else:
+            rotation.theta.data.add_(0.1)  # as fused AdamW does: the value changes, `_version` does not
+            assert rotation.theta._version == version
         changed = rotation(x)
-    assert rotation._cached[1] is not cached
+    assert rotation._cached[2] is not cached
     torch.testing.assert_close(changed, x @ blockdiag_rotation(rotation).float())
     out = rotation(x)  # with autograd: fresh R, gradients reach theta
     out.sum().backward()

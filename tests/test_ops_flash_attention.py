@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from so8t_hf.ops import attention_reference, triton_available, varlen_attention_reference  # noqa: E402
 
-_KERNEL_MODULES = ["so8t_hf.ops._flash_common", "so8t_hf.ops.flash_attention_bwd", "so8t_hf.ops.flash_attention"]
+_KERNEL_MODULES = ["so8t_hf.ops.utils", "so8t_hf.ops.flash_attention_bwd", "so8t_hf.ops.flash_attention"]
 
 
 def _load_interpreted():

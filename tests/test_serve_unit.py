@@ -10,7 +10,7 @@ import torch
 
 from so8t_hf.serve.audit import AuditLog, AuditRow, Metrics
 from so8t_hf.serve.auth import AuthError, KeyStore, hash_secret, parse_key_line
-from so8t_hf.serve.generation import final_is_closed, visible_final_prefix
+from so8t_hf.serve.engine import final_is_closed, visible_final_prefix
 from so8t_hf.thinking import TAG_PRESETS, extract_final
 
 SECRET = "SECRETMARK"
@@ -186,7 +186,7 @@ def test_a_failing_generation_is_a_fixed_500_and_logs_no_text(tmp_path, caplog, 
     from fastapi.testclient import TestClient
 
     from so8t_hf.serve.app import ServeSettings, create_app
-    from so8t_hf.serve.generation import GenerationEngine
+    from so8t_hf.serve.engine import GenerationEngine
 
     audit = AuditLog(tmp_path / "audit.db")
     app = create_app(GenerationEngine(_FailingModel(), _FakeTokenizer()), KeyStore(["k:s"]), audit, ServeSettings())

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
-from so8t_hf.chat_template import (
+from so8t_hf.thinking.chat_template import (
     PHI3_THINKING_CHAT_TEMPLATE,
     add_thinking_tokens,
     apply_thinking_chat_template,

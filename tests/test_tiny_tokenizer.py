@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from so8t_hf.chat_template import PHI3_THINKING_CHAT_TEMPLATE, add_thinking_tokens, thinking_labels
-from so8t_hf.data import load_thinking_dataset, sample_data_dir, tiny_tokenizer_path
+from so8t_hf.thinking.chat_template import PHI3_THINKING_CHAT_TEMPLATE, add_thinking_tokens, thinking_labels
+from so8t_hf.thinking.data import load_thinking_dataset, sample_data_dir, tiny_tokenizer_path
 from so8t_hf.thinking import DEFAULT_TAGS
 from tiny_models import tiny_so8t
 

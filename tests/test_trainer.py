@@ -1,6 +1,7 @@
 """SO8TTrainer + LoRA on tiny models: what trains, what is saved, the loss fallback and its error path,
 gradient accumulation, resume, metrics, PET."""
 
+import logging
 import copy
 import math
 
@@ -11,9 +12,9 @@ from tiny_models import random_ids, tiny_so8t, tiny_tokenizer, token_dataset
 from transformers import Phi3ForCausalLM, TrainerCallback
 
 from so8t_hf import merge_so8t_rotations
-from so8t_hf.peft_utils import check_lora_targets, default_lora_config, parameter_groups, quantization_config
-from so8t_hf.pet import pet_lambda_at, pet_penalty
-from so8t_hf.trainer import LossHasNoGraphError, SO8TConfig, SO8TTrainer
+from so8t_hf.training.peft_setup import check_lora_targets, default_lora_config, parameter_groups, quantization_config
+from so8t_hf.training.pet import pet_lambda_at, pet_penalty
+from so8t_hf.training.trainer import LossHasNoGraphError, SO8TConfig, SO8TTrainer
 
 
 def make_args(tmp_path, **overrides):
@@ -52,9 +53,10 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_lora_steps_train_lora_and_so8_and_leave_base_bitwise_unchanged(tmp_path, capsys):
-    trainer = make_trainer(tmp_path)
-    assert "SO(8)" in capsys.readouterr().out
+def test_lora_steps_train_lora_and_so8_and_leave_base_bitwise_unchanged(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="so8t_hf"):
+        trainer = make_trainer(tmp_path)
+    assert "SO(8)" in caplog.text and "trainable parameters" in caplog.text
     before = snapshot(trainer.model)
     trainer.train()
     after = snapshot(trainer.model)
@@ -234,10 +236,12 @@ def test_so8t_trainable_false_keeps_rotations_frozen_and_unsaved(tmp_path):
 
 
 def test_qlora_on_cpu_is_a_clear_error():
+    from so8t_hf.sft import SO8TModelConfig
+
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
     with pytest.raises(RuntimeError, match="QLoRA needs bitsandbytes on a CUDA GPU"):
-        quantization_config(4)
+        quantization_config(SO8TModelConfig(load_in_4bit=True))
 
 
 # ----------------------------------------------------------------------------------------- PET
@@ -284,7 +288,7 @@ def test_kbit_preparation_keeps_a_bf16_stream_and_fp32_so8_through_sftrainers_ql
     """A quantised base (flagged as such: bitsandbytes needs a GPU) with a trainable lm_head copy, as the
     recipe makes for new tag-token rows: SFTTrainer casts the trainable parameters to bf16, the SO(8)
     generators come back to fp32, and the steps run (an fp32 residual stream would hit a dtype mismatch)."""
-    from so8t_hf.peft_utils import prepare_kbit_model
+    from so8t_hf.training.peft_setup import prepare_kbit_model
 
     model = prepare_kbit_model(tiny_so8t(seed=0).to(torch.bfloat16), gradient_checkpointing=False)
     assert {p.dtype for n, p in model.named_parameters() if "so8_rotation" not in n} == {torch.bfloat16}

@@ -14,7 +14,11 @@ import os
 
 import torch
 
-from .reference import attention_reference, so8_rotate_reference, varlen_attention_reference
+from .reference import (
+    attention_reference,
+    so8_rotate_reference,
+    varlen_attention_reference,
+)
 
 __all__ = [
     "attention_reference",

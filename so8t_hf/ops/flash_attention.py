@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._flash_common import (
+from .flash_attention_bwd import attn_backward
+from .utils import (
     INTERPRET,
     LOG2E,
     NO_SPECIALIZE,
@@ -37,10 +38,10 @@ from ._flash_common import (
     check_qkv,
     dot_precision,
     launch,
+    seq_bucket,
     split_head_dim,
     tuned,
 )
-from .flash_attention_bwd import attn_backward
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -162,11 +163,6 @@ def _attn_fwd_kernel(
 
 FWD_CONFIGS = [(128, 64, 8, 3, 256), (128, 128, 8, 3, 256), (128, 64, 4, 3, 96), (64, 64, 4, 3, 256)]
 _fwd_tuned = None if INTERPRET else tuned(_attn_fwd_kernel, FWD_CONFIGS)
-
-
-def seq_bucket(n: int) -> int:
-    """Autotuning key for a sequence length: its power-of-two bucket (no retune per length)."""
-    return min(triton.next_power_of_2(max(int(n), 1)), 16384)
 
 
 def attn_forward(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):

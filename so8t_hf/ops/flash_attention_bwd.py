@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._flash_common import (
+from .utils import (
     INTERPRET,
     LOG2E,
     NO_SPECIALIZE,
@@ -24,6 +24,7 @@ from ._flash_common import (
     _store_tile,
     dot_precision,
     launch,
+    seq_bucket,
     split_head_dim,
     tuned,
 )
@@ -268,8 +269,6 @@ _dq_tuned = None if INTERPRET else tuned(_attn_bwd_dq_kernel, DQ_CONFIGS)
 
 def attn_backward(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
     """dQ, dK, dV (like q, k, v) from dO and the forward's o, lse (see attn_forward)."""
-    from .flash_attention import seq_bucket
-
     varlen = cu_q is not None
     if do.stride() != o.stride():
         do = torch.empty_like(o).copy_(do)  # dO shares the strides of O (and Q)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._flash_common import INTERPRET, dot_precision
+from .utils import INTERPRET, dot_precision
 
 BLOCK = 8  # the SO(8) block
 

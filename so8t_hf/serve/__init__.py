@@ -6,23 +6,23 @@ ever see the `<final>` answer (`extract_final`); operators get a hash of the thi
 (`thinking_hash`) per request in the audit log.
 
 Limits: needs the `serve` extra (fastapi, uvicorn); importing this package does not import them
-or torch models until `create_app` / `load_model` are used.
+or torch models until `create_app` is used.
 """
 
-from .auth import AuthError, KeyStore, hash_secret
+from so8t_hf.serve.auth import AuthError, KeyStore, hash_secret
 
 __all__ = ["AuditLog", "AuthError", "GenerationEngine", "KeyStore", "ServeSettings", "create_app", "hash_secret",
-           "load_model", "visible_final_prefix"]
+           "visible_final_prefix"]
 
 
 def __getattr__(name: str):  # lazy: fastapi / transformers only when asked for
     if name in ("ServeSettings", "create_app"):
-        from . import app
+        from so8t_hf.serve import app
         return getattr(app, name)
     if name == "AuditLog":
-        from .audit import AuditLog
+        from so8t_hf.serve.audit import AuditLog
         return AuditLog
     if name in ("GenerationEngine", "load_model", "visible_final_prefix"):
-        from . import generation
+        from so8t_hf.serve import generation
         return getattr(generation, name)
     raise AttributeError(name)

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from so8t_hf.serve.cli import main
 
 sys.exit(main())

@@ -31,9 +31,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .audit import AuditLog, AuditRow, Metrics
-from .auth import AuthError, KeyStore
-from .generation import GenerationEngine, GenParams, GenResult, Job, QueueFull
+from so8t_hf.serve.audit import AuditLog, AuditRow, Metrics
+from so8t_hf.serve.auth import AuthError, KeyStore
+from so8t_hf.serve.engine import GenerationEngine, GenParams, GenResult, Job, QueueFull
 
 __all__ = ["ServeSettings", "create_app"]
 

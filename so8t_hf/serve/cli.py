@@ -17,7 +17,9 @@ import signal
 import socket
 import sys
 
-__all__ = ["add_serve_subparser", "add_subparser", "build_parser", "main", "run_serve"]
+from so8t_hf.inference.loader import DTYPE_NAMES
+
+__all__ = ["add_serve_subparser", "build_parser", "main", "run_serve"]
 
 logger = logging.getLogger("so8t_hf.serve")
 
@@ -75,7 +77,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch intra-op threads (default: torch's choice; 1 is fastest for tiny models on CPU)")
     p.add_argument("--tags", default="default", help="thinking tag preset: default or reasoning4")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                   help="weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--no-merge-rotations", action="store_true",
                    help="serve the SO8T model as is instead of burning its SO(8) rotations into o_proj (same logits)")
     p.add_argument("--model-name", default=None, help="model name reported by the OpenAI route (the directory name)")
@@ -117,11 +120,12 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.setLevel(args.log_level.upper())
     import uvicorn
 
-    from ..thinking import get_tag_preset
-    from .app import ServeSettings, create_app
-    from .audit import AuditLog
-    from .auth import KeyStore
-    from .generation import GenerationEngine, load_model
+    from so8t_hf.thinking import get_tag_preset
+    from so8t_hf.serve.app import ServeSettings, create_app
+    from so8t_hf.serve.audit import AuditLog
+    from so8t_hf.serve.auth import KeyStore
+    from so8t_hf.inference.loader import load_for_inference
+    from so8t_hf.serve.engine import GenerationEngine
 
     try:
         keys = KeyStore(args.api_key, args.api_keys_file)
@@ -135,7 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    model, tokenizer = load_model(args.model, args.device, args.dtype, not args.no_merge_rotations)
+    model, tokenizer = load_for_inference(args.model, args.device, args.dtype, merge_rotations=not args.no_merge_rotations)
     name = args.model_name or args.model.rstrip("/").split("/")[-1]
     engine = GenerationEngine(model, tokenizer, tags, args.max_queue, args.workers, name)
     audit = AuditLog(args.audit_db, store_thinking=args.audit_store_thinking)
@@ -160,5 +164,3 @@ def run_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     return run_serve(build_parser().parse_args(argv))
 
-
-add_subparser = add_serve_subparser  # the name `so8t_hf.cli` looks up

@@ -1,1 +1,0 @@
-"""SO8T-Phi3 model code: self-contained remote-code files, copied into every saved checkpoint."""

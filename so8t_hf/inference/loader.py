@@ -1,0 +1,55 @@
+"""One loader for inference (chat, serving, benchmarks): a saved model directory -> (model, tokenizer),
+and the one parser of dtype names used across the library."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+__all__ = ["DTYPE_NAMES", "default_device", "load_for_inference", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """A torch dtype from a name in `DTYPE_NAMES` (or a dtype). `auto` (or None): bfloat16 on a GPU that
+    supports it, else float32."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def load_for_inference(path: str, device: str = "auto", dtype: str | torch.dtype = "auto",
+                       merge_rotations: bool = False) -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer) from a saved model directory or Hub id (remote code trusted).
+
+    The Phi-3 thinking chat template is set when the tokenizer has none. With `merge_rotations`, an SO8T-Phi3
+    is returned as the plain Phi-3 of `merge_so8t_rotations` (equal logits, no per-step rotation).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from so8t_hf.thinking.chat_template import apply_thinking_chat_template
+
+    device = default_device() if device == "auto" else device
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not getattr(tokenizer, "chat_template", None):
+        apply_thinking_chat_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=resolve_dtype(dtype))
+    if merge_rotations and hasattr(model, "so8_rotations"):
+        from so8t_hf.rotation import merge_so8t_rotations
+
+        model = merge_so8t_rotations(model)
+    logger.info("loaded %s (%s, %s) on %s", path, type(model).__name__, model.dtype, device)
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,10 @@
+"""Registration of the project's fast paths with transformers and torch (run by `import so8t_hf`).
+
+- `attention`: `attn_implementation="so8t"` (AttentionInterface + AttentionMaskInterface) and its per-call
+  backend choice.
+- `rotation_op`: the Triton SO(8) rotation as the `torch.library` op `so8t::so8_rotate`, which SO8T-Phi3
+  models (remote code included) use when it is registered.
+- `auto`: `AutoConfig` / `AutoModelForCausalLM` know `model_type="so8t_phi3"` without remote code.
+"""
+
+from so8t_hf.integrations import attention, auto, rotation_op  # noqa: F401  (each registers on import)

@@ -1,0 +1,7 @@
+"""The thinking-SFT job: its configs and parser (`config`), the pipeline from data to saved model
+(`pipeline`), run reports and the model card (`reporting`), and the Hub upload (`hub`)."""
+
+from so8t_hf.sft.config import SO8TModelConfig, ThinkingDataConfig, make_parser
+from so8t_hf.sft.pipeline import run_thinking_sft
+
+__all__ = ["SO8TModelConfig", "ThinkingDataConfig", "make_parser", "run_thinking_sft"]

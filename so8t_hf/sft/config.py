@@ -1,0 +1,174 @@
+"""Configuration of the thinking-SFT recipe and its one parser.
+
+Three dataclasses, parsed together by `make_parser()` (TRL's `TrlParser`): YAML keys equal field names
+(`--config file.yaml`), command-line flags override the YAML, unknown keys fail.
+
+- `SO8TModelConfig`: TRL's `ModelConfig` (same names: `use_peft`, `lora_r`, `lora_target_modules`,
+  `load_in_4bit`, `dtype`, ...) with SO8T defaults, plus what is ours: `so8t_layers`, `so8t_attn_backend`,
+  and the shape of the `tiny` demo model.
+- `ThinkingDataConfig`: the data and the thinking format (files, tag preset, loss mask, bad rows,
+  truncation, evaluation rows).
+- `SO8TConfig` (`so8t_hf.training`): TRL's `SFTConfig` plus the SO8T training settings.
+
+Renamed fields (0.1 names) keep working as deprecated aliases: `use_lora` -> `use_peft`,
+`quantization_bits: 4 | 8` -> `load_in_4bit` (with nested quantisation) / `load_in_8bit`; and
+`tag_preset` moved from the model to the data config.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, TrlParser
+
+from so8t_hf.inference.loader import DTYPE_NAMES
+from so8t_hf.modeling.configuration_so8t_phi3 import SO8T_ATTN_BACKENDS, normalize_so8t_layers
+from so8t_hf.thinking.chat_template import LOSS_MODES
+from so8t_hf.thinking.format import TAG_PRESETS
+from so8t_hf.training.config import SO8TConfig
+from so8t_hf.training.peft_setup import PHI3_LORA_TARGETS
+
+__all__ = ["TINY_MODEL", "SO8TModelConfig", "ThinkingDataConfig", "make_parser"]
+
+TINY_MODEL = "tiny"
+
+
+def _check_choice(owner: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}.")
+
+
+@dataclass
+class SO8TModelConfig(ModelConfig):
+    """TRL's `ModelConfig` with SO8T defaults and fields.
+
+    Args:
+        model_name_or_path (`str`, defaults to `"tiny"`): a Phi-3 / Phi-3.5 / SO8T-Phi3 checkpoint (folder or Hub
+            id), loaded as SO8T-Phi3 with identity rotations; `tiny` builds a tiny random SO8T-Phi3 with the
+            shipped tiny tokenizer (CPU demo, offline).
+        so8t_layers (`list[str]`, defaults to `["all"]`): the SO8T layers, `all` or a list of indices
+            (YAML `[0, 1]`, flags `--so8t_layers 0 1`).
+        so8t_attn_backend (`str`, defaults to `"auto"`): backend of `attn_implementation="so8t"`.
+        use_peft (`bool`, defaults to `True`): LoRA adapters (plus the SO(8) rotations); false trains every weight.
+
+    Example:
+        ```python
+        from so8t_hf.sft import make_parser
+
+        model_args, data_args, training_args = make_parser().parse_args_and_config(
+            ["--config", "recipes/configs/tiny.yaml", "--max_steps", "10"]
+        )
+        ```
+    """
+
+    model_name_or_path: str = field(
+        default=TINY_MODEL,
+        metadata={"help": "Phi-3 / Phi-3.5 / SO8T-Phi3 checkpoint (folder or Hub id), or 'tiny': a tiny random "
+                          "SO8T-Phi3 with the shipped tiny tokenizer (CPU demo, offline)."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), bfloat16, "
+                          "float16, float32.", "choices": list(DTYPE_NAMES)},
+    )
+    attn_implementation: str = field(
+        default="so8t", metadata={"help": "Attention implementation: so8t (the project's backends), sdpa, eager, ..."}
+    )
+    use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (+ SO(8)); false = full fine-tuning."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: list(PHI3_LORA_TARGETS),
+        metadata={"help": "LoRA targets (Phi-3's fused names: qkv_proj, o_proj, gate_up_proj, down_proj), or "
+                          "all-linear."},
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer; default: the model's."})
+    so8t_layers: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={"help": "SO8T layers: 'all' or layer indices (YAML: [0, 1]; flags: --so8t_layers 0 1).",
+                  "nargs": "+"},
+    )
+    so8t_attn_backend: str = field(
+        default="auto", metadata={"help": "Backend of the so8t attention.", "choices": list(SO8T_ATTN_BACKENDS)}
+    )
+    tiny_hidden_size: int = field(default=128, metadata={"help": "Tiny model: hidden size."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "Tiny model: decoder layers."})
+    tiny_num_heads: int = field(default=4, metadata={"help": "Tiny model: attention heads."})
+    tiny_num_kv_heads: int = field(default=2, metadata={"help": "Tiny model: key/value heads (GQA)."})
+    tiny_intermediate_size: int = field(default=256, metadata={"help": "Tiny model: MLP width."})
+    use_lora: bool | None = field(default=None, metadata={"help": "Deprecated alias of use_peft."})
+    quantization_bits: int | None = field(
+        default=None, metadata={"help": "Deprecated: 4 = load_in_4bit + use_bnb_nested_quant, 8 = load_in_8bit."}
+    )
+
+    def __post_init__(self):
+        if self.use_lora is not None:
+            warnings.warn("use_lora is deprecated: use use_peft (TRL's ModelConfig name).", FutureWarning, stacklevel=3)
+            self.use_peft = self.use_lora
+        if self.quantization_bits:
+            warnings.warn("quantization_bits is deprecated: use load_in_4bit (+ use_bnb_nested_quant) or load_in_8bit.",
+                          FutureWarning, stacklevel=3)
+            _check_choice("SO8TModelConfig", "quantization_bits", self.quantization_bits, (0, 4, 8))
+            self.load_in_4bit, self.load_in_8bit = self.quantization_bits == 4, self.quantization_bits == 8
+            self.use_bnb_nested_quant = self.use_bnb_nested_quant or self.load_in_4bit
+        self.use_lora = self.quantization_bits = None
+        super().__post_init__()
+        self.so8t_layers = normalize_so8t_layers(self.so8t_layers)
+        _check_choice("SO8TModelConfig", "dtype", self.dtype, DTYPE_NAMES)
+        _check_choice("SO8TModelConfig", "so8t_attn_backend", self.so8t_attn_backend, SO8T_ATTN_BACKENDS)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.load_in_4bit or self.load_in_8bit)
+
+
+@dataclass
+class ThinkingDataConfig:
+    """The thinking-SFT data: where it is, its tag set, and how it becomes training examples.
+
+    Args:
+        dataset_path (`list[str]`): JSONL / JSON / Parquet files, folders or globs.
+        tag_preset (`str`): the thinking tag set, `default` or `reasoning4`.
+        loss_mask (`str`): loss on the `assistant` turns (default), the `final_only` blocks, or `all` tokens.
+    """
+
+    dataset_path: list[str] = field(
+        default_factory=lambda: ["data/sample"], metadata={"help": "JSONL / JSON / Parquet files, folders or globs."}
+    )
+    tag_preset: str = field(default="default", metadata={"help": "Thinking tag preset.", "choices": list(TAG_PRESETS)})
+    on_bad_rows: str = field(
+        default="error",
+        metadata={"help": "Bad rows: 'error' (list them all) or 'skip' (report).", "choices": ["error", "skip"]},
+    )
+    on_truncated: str = field(
+        default="drop",
+        metadata={"help": "Rows whose </final> max_length would cut: 'drop' (reported) or 'error'.",
+                  "choices": ["drop", "error"]},
+    )
+    loss_mask: str = field(
+        default="assistant", metadata={"help": "Loss on: assistant, final_only, all.", "choices": list(LOSS_MODES)}
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System message for rows without one."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share of rows held out for evaluation (0 = none)."})
+    eval_generation_rows: int = field(default=8, metadata={"help": "Eval rows generated on for the thinking metrics."})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation length for the thinking metrics."})
+
+    def __post_init__(self):
+        if isinstance(self.dataset_path, str):
+            self.dataset_path = [self.dataset_path]
+        _check_choice("ThinkingDataConfig", "tag_preset", self.tag_preset, TAG_PRESETS)
+        _check_choice("ThinkingDataConfig", "on_bad_rows", self.on_bad_rows, ("error", "skip"))
+        _check_choice("ThinkingDataConfig", "on_truncated", self.on_truncated, ("drop", "error"))
+        _check_choice("ThinkingDataConfig", "loss_mask", self.loss_mask, LOSS_MODES)
+
+
+DATACLASS_TYPES = (SO8TModelConfig, ThinkingDataConfig, SO8TConfig)
+
+
+def make_parser(subparsers=None, prog: str | None = None) -> TrlParser:
+    """The recipe's parser (as TRL's scripts make theirs): a `TrlParser` over the three configs, or a `train`
+    subcommand of `subparsers` (a `TrlParser`'s) when given. `parse_args_and_config(argv)` returns
+    `(SO8TModelConfig, ThinkingDataConfig, SO8TConfig)`."""
+    if subparsers is not None:
+        return subparsers.add_parser("train", help="thinking SFT", dataclass_types=DATACLASS_TYPES)
+    return TrlParser(DATACLASS_TYPES, prog=prog)

@@ -1,0 +1,176 @@
+"""Thinking SFT end to end, as the recipe runs it: tokenizer, model, data, SO8TTrainer, evaluation, outputs.
+
+Output directory: `adapter/` (LoRA + SO(8) params + tokenizer), `final/` (a full SO8T-Phi3 with its
+remote-code files, tokenizer and chat template), `README.md` (model card with the metrics),
+`training_log.json`, `loss_curve.png`, `data_report.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, set_seed
+
+from so8t_hf.inference.loader import resolve_dtype
+from so8t_hf.modeling import So8tPhi3Config, So8tPhi3ForCausalLM
+from so8t_hf.sft.config import TINY_MODEL, SO8TModelConfig, ThinkingDataConfig
+from so8t_hf.sft.reporting import write_run_reports
+from so8t_hf.thinking.chat_template import (
+    add_thinking_tokens,
+    apply_thinking_chat_template,
+    make_room_for_tokens,
+    thinking_labels,
+)
+from so8t_hf.thinking.data import check_truncation, drop_truncated, load_thinking_dataset, split_train_eval, tiny_tokenizer_path
+from so8t_hf.thinking.format import get_tag_preset
+from so8t_hf.training.callbacks import ThinkingEvalCallback, thinking_generation_metrics
+from so8t_hf.training.config import SO8TConfig
+from so8t_hf.training.peft_setup import prepare_kbit_model, quantization_config
+from so8t_hf.training.trainer import SO8TTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def build_tokenizer(args: SO8TModelConfig, tags):
+    """The model's (or the tiny) tokenizer, completed: thinking chat template, tag tokens, a pad token.
+    Returns (tokenizer, token summary of `add_thinking_tokens`)."""
+    source = args.tokenizer_name_or_path or (
+        tiny_tokenizer_path() if args.model_name_or_path == TINY_MODEL else args.model_name_or_path
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    apply_thinking_chat_template(tokenizer)
+    summary = add_thinking_tokens(tokenizer, tags=tags)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, summary
+
+
+def build_model(args: SO8TModelConfig, tokenizer, token_summary):
+    """A tiny random SO8T-Phi3 or a pretrained checkpoint loaded as SO8T-Phi3 (identity rotations), with
+    embedding rows for the tokenizer's new tag tokens; in training mode."""
+    dtype = resolve_dtype(args.dtype)
+    common = dict(so8t_layers=args.so8t_layers, so8t_attn_backend=args.so8t_attn_backend)
+    if args.model_name_or_path == TINY_MODEL:
+        config = So8tPhi3Config(
+            vocab_size=-(-len(tokenizer) // 64) * 64,  # spare rows, as the real Phi-3.5 has
+            hidden_size=args.tiny_hidden_size,
+            intermediate_size=args.tiny_intermediate_size,
+            num_hidden_layers=args.tiny_num_layers,
+            num_attention_heads=args.tiny_num_heads,
+            num_key_value_heads=args.tiny_num_kv_heads,
+            max_position_embeddings=4096,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **common,
+        )
+        config._attn_implementation = args.attn_implementation
+        model = So8tPhi3ForCausalLM(config).to(dtype)
+    else:
+        kwargs = dict(dtype=dtype, attn_implementation=args.attn_implementation, revision=args.model_revision,
+                      **common)
+        if args.quantized:
+            kwargs.update(quantization_config=quantization_config(args, dtype), device_map={"": 0})
+        model = So8tPhi3ForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+        if args.quantized:
+            model = prepare_kbit_model(model, dtype)
+    make_room_for_tokens(model, tokenizer, token_summary["new_ids"], token_summary["old_len"])
+    return model.train()
+
+
+def tokenize_rows(dataset, tokenizer, mode: str, tags):
+    """`messages` -> `input_ids` + `labels` (-100 outside the `mode` span), kept beside `messages`."""
+
+    def encode(row):
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return {"input_ids": ids, "labels": thinking_labels(ids, tokenizer, mode=mode, tags=tags)}
+
+    return dataset.map(encode, desc="Tokenizing with thinking loss masks")
+
+
+def build_datasets(data: ThinkingDataConfig, tokenizer, max_length: int, output_dir: Path, tags, seed: int):
+    dataset = load_thinking_dataset(
+        data.dataset_path, tags=tags, on_bad_rows=data.on_bad_rows, report_path=output_dir / "data_report.json",
+        system_prompt=data.system_prompt,
+    )
+    truncated = check_truncation(dataset, tokenizer, max_length, tags=tags, report_path=output_dir / "truncation_report.json")
+    if any(r.cuts_final for r in truncated):
+        if data.on_truncated == "error":
+            raise ValueError(f"{sum(r.cuts_final for r in truncated)} rows would lose </final> at max_length="
+                             f"{max_length}: raise max_length or set on_truncated: drop. First: {truncated[0]}")
+        dataset = drop_truncated(dataset, truncated)
+    splits = split_train_eval(dataset, eval_fraction=data.eval_fraction, seed=seed) if data.eval_fraction > 0 else None
+    train = splits["train"] if splits else dataset
+    evaluation = splits["eval"] if splits else None
+    train_tok = tokenize_rows(train, tokenizer, data.loss_mask, tags).remove_columns(["messages", "source"])
+    eval_tok = tokenize_rows(evaluation, tokenizer, data.loss_mask, tags).remove_columns(["messages", "source"]) if evaluation else None
+    return train_tok, eval_tok, (evaluation["messages"] if evaluation else [])
+
+
+def lora_config(args: SO8TModelConfig, new_token_ids: list[int]):
+    from so8t_hf.training.peft_setup import default_lora_config
+
+    config = default_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
+                                 use_rslora=args.use_rslora, use_dora=args.use_dora)
+    modules = list(args.lora_modules_to_save or [])
+    if new_token_ids and "lm_head" not in modules:
+        modules.append("lm_head")  # new tag tokens must be learnt on the output side too (the fused LM head reads it)
+        config.trainable_token_indices = {"embed_tokens": list(new_token_ids)}
+    config.modules_to_save = modules or None
+    return config
+
+
+def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig, training_args: SO8TConfig) -> dict:
+    """Train, evaluate and save; returns the final metrics."""
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tags = get_tag_preset(data_args.tag_preset)
+    tokenizer, token_summary = build_tokenizer(model_args, tags)
+    model = build_model(model_args, tokenizer, token_summary)
+    train, evaluation, eval_messages = build_datasets(
+        data_args, tokenizer, training_args.max_length, output_dir, tags, training_args.seed
+    )
+    eval_rows = eval_messages[: data_args.eval_generation_rows]
+    new_ids = token_summary["new_ids"]  # tag tokens this run added: their embedding rows must train too
+    trainer = SO8TTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args, new_ids) if model_args.use_peft else None,
+        callbacks=[ThinkingEvalCallback(tokenizer, eval_rows, tags, data_args.eval_max_new_tokens)] if evaluation else None,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = trainer.evaluate() if evaluation is not None else {}
+    if eval_rows and "eval_final_exact_match" not in metrics:
+        metrics.update({f"eval_{k}": v for k, v in thinking_generation_metrics(
+            trainer.model, tokenizer, eval_rows, tags, data_args.eval_max_new_tokens).items()})
+    if trainer.is_world_process_zero():
+        save_outputs(trainer, tokenizer, model_args, output_dir)
+        write_run_reports(output_dir, trainer.state.log_history, metrics, model_args, data_args, training_args)
+    if training_args.push_to_hub and trainer.is_world_process_zero():
+        from so8t_hf.sft.hub import push_output_dir
+
+        push_output_dir(output_dir, training_args.hub_model_id, token=training_args.hub_token)
+    return metrics
+
+
+def save_outputs(trainer, tokenizer, model_args: SO8TModelConfig, output_dir: Path) -> None:
+    """`adapter/` (or the full model without LoRA) and `final/`: a merged SO8T-Phi3 with its remote code."""
+    model = trainer.model
+    if model_args.use_peft:
+        model.save_pretrained(output_dir / "adapter")
+        tokenizer.save_pretrained(output_dir / "adapter")
+        if model_args.quantized:  # merge into full-precision weights, not into the 4/8-bit base
+            from peft import PeftModel
+
+            base = So8tPhi3ForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.bfloat16)
+            model = PeftModel.from_pretrained(base, output_dir / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir / "final")
+    tokenizer.save_pretrained(output_dir / "final")

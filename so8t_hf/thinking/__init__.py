@@ -1,0 +1,22 @@
+"""The thinking format and everything built on it: the tag format and its lexer (`format`), the Phi-3 chat
+template, tag tokens and loss labels (`chat_template`), data loading and validation (`data`, `validation`),
+and the thinking metrics (`metrics`). Importing this package loads only the format (pure Python)."""
+
+from so8t_hf.thinking.format import (
+    DEFAULT_TAGS,
+    TAG_PRESETS,
+    ParsedThinking,
+    ThinkingFormatError,
+    ThinkingTags,
+    extract_final,
+    find_thinking_problems,
+    get_tag_preset,
+    parse_thinking,
+    render_thinking,
+    thinking_hash,
+    validate_thinking,
+)
+
+__all__ = ["DEFAULT_TAGS", "TAG_PRESETS", "ParsedThinking", "ThinkingFormatError", "ThinkingTags", "extract_final",
+           "find_thinking_problems", "get_tag_preset", "parse_thinking", "render_thinking", "thinking_hash",
+           "validate_thinking"]

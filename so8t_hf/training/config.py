@@ -1,0 +1,69 @@
+"""`SO8TConfig`: TRL's `SFTConfig` plus the SO8T settings (SO(8) learning rate, PET, loss fallback) and
+both names of activation checkpointing on every supported transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+from so8t_hf._compat import HF_HAS_ACTIVATION_CHECKPOINTING_NAMES
+
+
+class LossHasNoGraphError(RuntimeError):
+    """The training loss cannot reach any trainable parameter."""
+
+
+@dataclass
+class SO8TConfig(SFTConfig):
+    """`trl.SFTConfig` plus the SO8T settings."""
+
+    # None = unset: the alias decides, else True (resolved in __post_init__, so an explicit alias is not overridden)
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient (activation) checkpointing; non-reentrant by default. Defaults to True.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing.", "nargs": "?", "const": True}
+    )
+    if not HF_HAS_ACTIVATION_CHECKPOINTING_NAMES:  # transformers knows only gradient_checkpointing_kwargs: add the new name
+        activation_checkpointing_kwargs: dict[str, Any] | str | None = field(
+            default=None, metadata={"help": "Keyword arguments of activation checkpointing (e.g. use_reentrant)."}
+        )
+    so8t_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the SO(8) generators (own param group, no weight decay); None = learning_rate."},
+    )
+    so8t_trainable: bool = field(default=True, metadata={"help": "Train the SO(8) rotations (saved with the adapter)."})
+    pet_lambda: float = field(default=0.0, metadata={"help": "Weight of the PET smoothness penalty; 0 turns it off."})
+    pet_phase_boundaries: list[float] = field(
+        default_factory=lambda: [0.3, 0.7], metadata={"help": "Training-progress boundaries of the 3 PET phases."}
+    )
+    pet_phase_scales: list[float] = field(
+        default_factory=lambda: [0.1, 0.5, 1.0], metadata={"help": "pet_lambda multipliers of the 3 PET phases."}
+    )
+    loss_fallback: str = field(
+        default="recover",
+        metadata={"help": "Graph-less loss: 'recover' from the last hidden state (warn, count) or 'error' at once."},
+    )
+
+    def __post_init__(self):
+        # activation_checkpointing(_kwargs) win; the gradient_checkpointing(_kwargs) aliases fill them when unset. Both
+        # names then hold the same values: whichever names the installed transformers / TRL read, they see ours.
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = True if self.gradient_checkpointing is None else self.gradient_checkpointing
+        if self.activation_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        self.gradient_checkpointing = self.activation_checkpointing
+        self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
+        super().__post_init__()  # parses a JSON-string gradient_checkpointing_kwargs (and the new name, if it knows it)
+        if self.loss_fallback not in ("recover", "error"):
+            raise ValueError(f"SO8TConfig.loss_fallback={self.loss_fallback!r}: use 'recover' or 'error'.")
+        kwargs = dict(self.gradient_checkpointing_kwargs or {})
+        kwargs.setdefault("use_reentrant", False)  # reentrant + frozen inputs gives a loss without a graph
+        self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs

@@ -1,0 +1,191 @@
+"""SO8TTrainer: TRL's SFTTrainer with a loss that can never silently stop learning.
+
+Overrides only what it must:
+- `compute_loss`: if the loss comes back without a graph while parameters are trainable, the causal-LM
+  loss is recomputed from the captured last hidden state through `lm_head` (warned once, counted in
+  `loss_fallback_steps`); when nothing carries a graph it raises an error naming the cause and the fix.
+  It never steps on a graph-less loss and never multiplies one by zero. Adds the optional PET term.
+- `create_optimizer`: the SO(8) generators get their own param group (`so8t_learning_rate`, no decay).
+- `log`: perplexity, learning rates, tokens/s, peak memory, SO(8) health, `loss_fallback_steps`.
+Gradient checkpointing defaults to non-reentrant; a reentrant request gets `enable_input_require_grads`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import warnings
+
+import torch
+from transformers import AutoModelForCausalLM
+from trl import SFTTrainer
+
+from so8t_hf.training.config import LossHasNoGraphError, SO8TConfig
+
+from so8t_hf.training.peft_setup import SO8_MODULE, format_parameter_summary, keep_so8_fp32, parameter_groups, prepare_peft_config
+from so8t_hf.training.pet import pet_lambda_at, pet_penalty
+from so8t_hf.rotation import rotation_health
+
+logger = logging.getLogger(__name__)
+
+def _unwrap(model):
+    """The transformers model under PEFT / accelerate wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class SO8TTrainer(SFTTrainer):
+    """Drop-in `trl.SFTTrainer` for SO8T-Phi3 (and any causal LM); see the module docstring."""
+
+    def __init__(self, model, args: SO8TConfig | None = None, *pos, peft_config=None, **kwargs):
+        if args is None:
+            args = SO8TConfig(output_dir="so8t-sft")
+        elif not isinstance(args, SO8TConfig):
+            names = {f.name for f in dataclasses.fields(SO8TConfig) if f.init}
+            values = {k: v for k, v in args.to_dict().items() if k in names}
+            values["hub_token"] = getattr(args, "hub_token", None)
+            args = SO8TConfig(**values)
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        if peft_config is not None:
+            peft_config = prepare_peft_config(peft_config, model, args.so8t_trainable)
+        if not args.so8t_trainable:
+            for name, param in model.named_parameters():
+                if SO8_MODULE in name:
+                    param.requires_grad_(False)
+        if args.activation_checkpointing and args.activation_checkpointing_kwargs.get("use_reentrant"):
+            model.enable_input_require_grads()  # reentrant checkpointing needs inputs that require grad
+        super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
+        keep_so8_fp32(self.model)  # SFTTrainer casts every trainable parameter of a quantised model to bf16
+        self.loss_fallback_steps = 0
+        self._captured: dict[str, torch.Tensor] = {}
+        self._hook = self._last_hidden_module().register_forward_hook(self._capture_hidden)
+        self._log_clock: tuple[float, int] | None = None
+        if self.is_world_process_zero():
+            logger.info("%s", format_parameter_summary(parameter_groups(self.model)))
+
+    # ------------------------------------------------------------------ hidden-state capture
+
+    def _last_hidden_module(self) -> torch.nn.Module:
+        decoder = _unwrap(self.model).get_decoder()
+        return getattr(decoder, "norm", decoder)
+
+    def _capture_hidden(self, module, args, output):
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        self._captured["hidden"] = hidden  # (B, T, H): the last hidden state, before anything downstream
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._captured.clear()
+        if self._log_clock is None:
+            self._log_clock = (time.perf_counter(), self._total_train_tokens)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
+        hidden = self._captured.pop("hidden", None)
+        learning = model.training and torch.is_grad_enabled()
+        if learning and not loss.requires_grad and any(p.requires_grad for p in model.parameters()):
+            loss = self._recover_loss(model, inputs, hidden, num_items_in_batch)
+        if learning:  # the mean over processes, like the logged loss (each rank's share is scaled to the global mean)
+            self._metrics["train"]["nll"].append(self.accelerator.gather(loss.detach()).float().mean().item())
+        if learning and self.args.pet_lambda > 0 and hidden is not None:
+            loss = loss + self._pet_term(inputs, hidden, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _pet_term(self, inputs, hidden, num_items_in_batch) -> torch.Tensor:
+        progress = self.state.global_step / max(self.state.max_steps, 1)
+        weight = pet_lambda_at(progress, self.args.pet_lambda, self.args.pet_phase_boundaries, self.args.pet_phase_scales)
+        penalty = pet_penalty(hidden, inputs.get("attention_mask"), inputs.get("position_ids"))
+        self._metrics["train"]["pet_loss"].append(penalty.detach().item())
+        self._metrics["train"]["pet_lambda"].append(weight)
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        return weight * penalty / steps  # a per-micro-batch mean: average it over accumulation like the CE sum
+
+    def _recover_loss(self, model, inputs, hidden, num_items_in_batch) -> torch.Tensor:
+        if hidden is None or not hidden.requires_grad:
+            raise LossHasNoGraphError(self._no_graph_diagnosis(model))
+        if self.args.loss_fallback == "error":
+            raise LossHasNoGraphError(
+                "The loss has no graph, but the last hidden state has one (the logits were detached downstream). "
+                "Set loss_fallback='recover' to recompute the loss through lm_head, or fix the model's head."
+            )
+        if self.loss_fallback_steps == 0:
+            warnings.warn(
+                "SO8TTrainer: the loss came back without a graph; recomputing it from the last hidden state through "
+                "lm_head (counted in the logged `loss_fallback_steps`). The model's logits lose their graph: check "
+                "custom heads, no_grad/inference-mode wrappers, or detach() calls.",
+                stacklevel=2,
+            )
+        self.loss_fallback_steps += 1
+        base = _unwrap(model)
+        lm_head = base.get_output_embeddings()
+        logits = lm_head(hidden.to(lm_head.weight.dtype))  # (B, T, V)
+        loss = base.loss_function(  # transformers' causal-LM loss: shift, ignore -100, sum / num_items_in_batch
+            logits=logits, labels=inputs["labels"], vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch
+        )
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+    def _no_graph_diagnosis(self, model) -> str:
+        base = _unwrap(model)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        reentrant = self.args.activation_checkpointing and self.args.activation_checkpointing_kwargs.get("use_reentrant")
+        if reentrant and not base.get_input_embeddings().weight.requires_grad:
+            cause = (
+                "reentrant gradient checkpointing with frozen input embeddings: the checkpointed layers receive "
+                "inputs that do not require grad, so nothing inside them is differentiated. Fix: "
+                "activation_checkpointing_kwargs={'use_reentrant': False} (the SO8TConfig default) or call "
+                "model.enable_input_require_grads()."
+            )
+        else:
+            cause = (
+                f"no trainable parameter takes part in the loss (trainable: {trainable[:5]}"
+                f"{' ...' if len(trainable) > 5 else ''}); check which modules are frozen and that the forward "
+                "does not run under torch.no_grad / inference_mode."
+            )
+        return f"The training loss has no gradient graph and cannot be recovered from the hidden states: {cause}"
+
+    # ------------------------------------------------------------------ optimizer and logging
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        so8 = [p for n, p in (model or self.model).named_parameters() if SO8_MODULE in n and p.requires_grad]
+        if so8 and not any(group.get("name") == "so8" for group in optimizer.param_groups):
+            ids = {id(p) for p in so8}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            lr = self.args.so8t_learning_rate if self.args.so8t_learning_rate is not None else self.args.learning_rate
+            optimizer.add_param_group({"params": so8, "lr": lr, "weight_decay": 0.0, "name": "so8"})
+        return optimizer
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            nll = self._metrics["train"].get("nll")
+            if nll:
+                logs["perplexity"] = math.exp(min(sum(nll) / len(nll), 50.0))
+            logs["loss_fallback_steps"] = self.loss_fallback_steps
+            groups = self.optimizer.param_groups if self.optimizer is not None else []
+            so8 = [g for g in groups if g.get("name") == "so8"]
+            if so8 and "learning_rate" in logs and "initial_lr" in groups[0]:
+                # HF schedulers scale every group by one factor: the so8 rate at the logged step's moment
+                logs["learning_rate_so8"] = logs["learning_rate"] * so8[0]["initial_lr"] / groups[0]["initial_lr"]
+            logs.update(rotation_health(self.model))
+            logs.update(self._throughput())
+        super().log(logs, start_time)
+
+    def _throughput(self) -> dict[str, float]:
+        now, tokens = time.perf_counter(), self._total_train_tokens
+        stats = {}
+        if self._log_clock is not None and now > self._log_clock[0]:
+            stats["tokens_per_second"] = (tokens - self._log_clock[1]) / (now - self._log_clock[0])
+        self._log_clock = (now, tokens)
+        if torch.cuda.is_available():
+            stats["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            import resource
+
+            stats["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        return stats
