@@ -25,11 +25,25 @@ _import_structure: dict[str, list[str]] = {
 }
 
 if TYPE_CHECKING:
-    from so8t_hf.integrations.attention import BACKEND_COUNTS, force_attention_backend, last_backend
+    from so8t_hf.integrations.attention import (
+        BACKEND_COUNTS,
+        force_attention_backend,
+        last_backend,
+    )
     from so8t_hf.modeling import So8Rotation, So8tPhi3Config, So8tPhi3ForCausalLM
     from so8t_hf.rotation import merge_so8t_rotations, rotation_health, so8_rotations
-    from so8t_hf.thinking import extract_final, parse_thinking, render_thinking, thinking_hash
-    from so8t_hf.training import LossHasNoGraphError, SO8TConfig, SO8TTrainer, default_lora_config
+    from so8t_hf.thinking import (
+        extract_final,
+        parse_thinking,
+        render_thinking,
+        thinking_hash,
+    )
+    from so8t_hf.training import (
+        LossHasNoGraphError,
+        SO8TConfig,
+        SO8TTrainer,
+        default_lora_config,
+    )
 
 _NAME_TO_MODULE = {name: module for module, names in _import_structure.items() for name in names}
 __all__ = sorted(_NAME_TO_MODULE)

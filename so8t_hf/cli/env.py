@@ -9,7 +9,11 @@ import platform
 
 import torch
 
-from so8t_hf.integrations.attention import choose_backend, flash_attn_available, triton_kernel_available
+from so8t_hf.integrations.attention import (
+    choose_backend,
+    flash_attn_available,
+    triton_kernel_available,
+)
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "evaluate", "safetensors",
             "triton", "flash-attn", "bitsandbytes", "liger-kernel")

@@ -15,6 +15,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi3.modeling_phi3 import (
     Phi3Attention,
     Phi3DecoderLayer,
@@ -26,7 +27,6 @@ from transformers.models.phi3.modeling_phi3 import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_so8t_phi3 import SO8_BLOCK, So8tPhi3Config
 

@@ -120,12 +120,12 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.setLevel(args.log_level.upper())
     import uvicorn
 
-    from so8t_hf.thinking import get_tag_preset
+    from so8t_hf.inference.loader import load_for_inference
     from so8t_hf.serve.app import ServeSettings, create_app
     from so8t_hf.serve.audit import AuditLog
     from so8t_hf.serve.auth import KeyStore
-    from so8t_hf.inference.loader import load_for_inference
     from so8t_hf.serve.engine import GenerationEngine
+    from so8t_hf.thinking import get_tag_preset
 
     try:
         keys = KeyStore(args.api_key, args.api_keys_file)

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser
 
 from so8t_hf.inference.loader import DTYPE_NAMES
-from so8t_hf.modeling.configuration_so8t_phi3 import SO8T_ATTN_BACKENDS, normalize_so8t_layers
+from so8t_hf.modeling.configuration_so8t_phi3 import (
+    SO8T_ATTN_BACKENDS,
+    normalize_so8t_layers,
+)
 from so8t_hf.thinking.chat_template import LOSS_MODES
 from so8t_hf.thinking.format import TAG_PRESETS
 from so8t_hf.training.config import SO8TConfig

@@ -23,7 +23,13 @@ from so8t_hf.thinking.chat_template import (
     make_room_for_tokens,
     thinking_labels,
 )
-from so8t_hf.thinking.data import check_truncation, drop_truncated, load_thinking_dataset, split_train_eval, tiny_tokenizer_path
+from so8t_hf.thinking.data import (
+    check_truncation,
+    drop_truncated,
+    load_thinking_dataset,
+    split_train_eval,
+    tiny_tokenizer_path,
+)
 from so8t_hf.thinking.format import get_tag_preset
 from so8t_hf.training.callbacks import ThinkingEvalCallback, thinking_generation_metrics
 from so8t_hf.training.config import SO8TConfig

@@ -34,8 +34,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from so8t_hf.thinking.validation import normalize_thinking_row
 from so8t_hf.thinking.format import DEFAULT_TAGS, ThinkingTags, get_tag_preset
+from so8t_hf.thinking.validation import normalize_thinking_row
 
 __all__ = [
     "DATA_SUFFIXES",

@@ -26,7 +26,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from so8t_hf.thinking.format import DEFAULT_TAGS, ThinkingFormatError, ThinkingTags, find_thinking_problems, render_thinking
+from so8t_hf.thinking.format import (
+    DEFAULT_TAGS,
+    ThinkingFormatError,
+    ThinkingTags,
+    find_thinking_problems,
+    render_thinking,
+)
 
 __all__ = ["ROLES", "normalize_thinking_row", "row_shape"]
 

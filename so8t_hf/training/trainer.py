@@ -22,11 +22,16 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
-from so8t_hf.training.config import LossHasNoGraphError, SO8TConfig
-
-from so8t_hf.training.peft_setup import SO8_MODULE, format_parameter_summary, keep_so8_fp32, parameter_groups, prepare_peft_config
-from so8t_hf.training.pet import pet_lambda_at, pet_penalty
 from so8t_hf.rotation import rotation_health
+from so8t_hf.training.config import LossHasNoGraphError, SO8TConfig
+from so8t_hf.training.peft_setup import (
+    SO8_MODULE,
+    format_parameter_summary,
+    keep_so8_fp32,
+    parameter_groups,
+    prepare_peft_config,
+)
+from so8t_hf.training.pet import pet_lambda_at, pet_penalty
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,13 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 
-from so8t_hf.thinking.format import DEFAULT_TAGS, ThinkingTags, extract_final, find_thinking_problems, get_tag_preset
+from so8t_hf.thinking.format import (
+    DEFAULT_TAGS,
+    ThinkingTags,
+    extract_final,
+    find_thinking_problems,
+    get_tag_preset,
+)
 
 __all__ = [
     "LEAK_WINDOW",

@@ -44,7 +44,6 @@ def test_export_writes_a_plain_phi3_with_equal_logits(tmp_path):
 
 
 def test_chat_prints_only_the_final_unless_show_thinking(tmp_path, capsys, monkeypatch):
-    import so8t_hf.cli.chat as chat
     import so8t_hf.inference.generation as generation
 
     model = tiny_so8t(seed=1)

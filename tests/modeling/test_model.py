@@ -2,21 +2,22 @@
 
 import json
 import logging
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from isolation import remote_load_max_diff
+from paths import PHI35_TOKENIZER, REPO
 from tiny_models import TINY, random_ids, randomize_rotations, tiny_phi3, tiny_so8t
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3ForCausalLM
 
-from so8t_hf import So8Rotation, So8tPhi3Config, So8tPhi3ForCausalLM, merge_so8t_rotations, rotation_health
+from so8t_hf import (
+    So8Rotation,
+    So8tPhi3Config,
+    So8tPhi3ForCausalLM,
+    merge_so8t_rotations,
+    rotation_health,
+)
 from so8t_hf.rotation import blockdiag_rotation
-
-REPO = Path(__file__).resolve().parents[1]
-PHI35_TOKENIZER = Path(os.environ.get("SO8T_PHI35_TOKENIZER", REPO.parent / "shared/fixtures/phi35-tokenizer"))
-
 
 # ----------------------------------------------------------------------------------------- config
 

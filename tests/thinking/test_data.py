@@ -4,16 +4,26 @@ TRL's dataset preparation, and tag tokenisation with the real Phi-3.5 tokenizer.
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from paths import PHI35_TOKENIZER
 from transformers import AutoTokenizer
 
-from so8t_hf.thinking.chat_template import add_thinking_tokens, apply_thinking_chat_template, thinking_labels
+from so8t_hf.thinking import (
+    DEFAULT_TAGS,
+    find_thinking_problems,
+    get_tag_preset,
+    render_thinking,
+)
+from so8t_hf.thinking.chat_template import (
+    add_thinking_tokens,
+    apply_thinking_chat_template,
+    thinking_labels,
+)
 from so8t_hf.thinking.data import (
     DataValidationError,
     check_truncation,
@@ -24,10 +34,6 @@ from so8t_hf.thinking.data import (
     tiny_tokenizer_path,
 )
 from so8t_hf.thinking.validation import row_shape
-from so8t_hf.thinking import DEFAULT_TAGS, find_thinking_problems, get_tag_preset, render_thinking
-
-REPO = Path(__file__).resolve().parents[1]
-PHI35 = Path(os.environ.get("SO8T_PHI35_TOKENIZER", REPO.parent / "shared" / "fixtures" / "phi35-tokenizer"))
 
 SECTIONS = {"task": "Add the numbers.", "safety": "Harmless.", "policy": "One line."}
 ANSWER = render_thinking(SECTIONS, "4")
@@ -52,9 +58,9 @@ def tiny_tok():
 
 @pytest.fixture
 def phi35():
-    if not (PHI35 / "tokenizer.json").is_file():
-        pytest.skip(f"real Phi-3.5 tokenizer fixture not found at {PHI35} (set SO8T_PHI35_TOKENIZER)")
-    tok = AutoTokenizer.from_pretrained(PHI35)
+    if not (PHI35_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"real Phi-3.5 tokenizer fixture not found at {PHI35_TOKENIZER} (set SO8T_PHI35_TOKENIZER)")
+    tok = AutoTokenizer.from_pretrained(PHI35_TOKENIZER)
     add_thinking_tokens(tok)
     return apply_thinking_chat_template(tok)
 
@@ -353,9 +359,8 @@ def test_label_masks_exact_on_sample_data(tiny_tok, mode):
 
 
 def test_trl_prepares_the_dataset_with_assistant_only_loss(tmp_path, tiny_tok):
-    from trl import SFTConfig, SFTTrainer
-
     from tiny_models import tiny_so8t
+    from trl import SFTConfig, SFTTrainer
 
     ds = load_thinking_dataset(sample_data_dir()).select(range(0, 80, 10))
     model = tiny_so8t(vocab_size=len(tiny_tok), pad_token_id=tiny_tok.pad_token_id, bos_token_id=1,

@@ -6,11 +6,17 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from paths import REPO
 
-from so8t_hf.thinking.metrics import METRIC_NAMES, compute_thinking_metrics, load_thinking_metrics, metric_path
+from so8t_hf.thinking import extract_final, get_tag_preset, render_thinking
+from so8t_hf.thinking.metrics import (
+    METRIC_NAMES,
+    compute_thinking_metrics,
+    load_thinking_metrics,
+    metric_path,
+)
 from so8t_hf.thinking.metrics.scoring import (
     final_exact_match,
     format_compliance,
@@ -18,9 +24,7 @@ from so8t_hf.thinking.metrics.scoring import (
     thinking_leak,
     until_turn_end,
 )
-from so8t_hf.thinking import extract_final, get_tag_preset, render_thinking
 
-REPO = Path(__file__).resolve().parents[1]
 GOOD = render_thinking({"task": "Add two and two.", "safety": "Harmless.", "policy": "Be brief."}, "It is 4.")
 SECRET = "the hidden password is swordfish"
 

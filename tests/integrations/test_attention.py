@@ -10,7 +10,13 @@ import torch
 from tiny_models import random_ids, randomize_rotations, tiny_phi3, tiny_so8t
 
 import so8t_hf
-from so8t_hf.integrations.attention import BACKEND_COUNTS, choose_backend, force_attention_backend, so8t_mask, triton_kernel_available
+from so8t_hf.integrations.attention import (
+    BACKEND_COUNTS,
+    choose_backend,
+    force_attention_backend,
+    so8t_mask,
+    triton_kernel_available,
+)
 from so8t_hf.ops.chunked_attention import chunked_attention
 
 CPU_BACKENDS = ["eager", "sdpa", "chunked"] + (["triton"] if triton_kernel_available() else [])

@@ -2,23 +2,21 @@
 tag tokens on the real Phi-3.5 tokenizer, the chat template, and loss labels."""
 
 import hashlib
-import os
 import random
 import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from paths import PHI35_TOKENIZER
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
-
-from so8t_hf.thinking.chat_template import (
-    PHI3_THINKING_CHAT_TEMPLATE,
-    add_thinking_tokens,
-    apply_thinking_chat_template,
-    thinking_labels,
+from transformers import (
+    AutoTokenizer,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
 )
+
 from so8t_hf.thinking import (
     DEFAULT_TAGS,
     ThinkingFormatError,
@@ -31,9 +29,13 @@ from so8t_hf.thinking import (
     thinking_hash,
     validate_thinking,
 )
+from so8t_hf.thinking.chat_template import (
+    PHI3_THINKING_CHAT_TEMPLATE,
+    add_thinking_tokens,
+    apply_thinking_chat_template,
+    thinking_labels,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-PHI35 = Path(os.environ.get("SO8T_PHI35_TOKENIZER", REPO.parent / "shared" / "fixtures" / "phi35-tokenizer"))
 SECTIONS = {"task": "Plan the reply.", "safety": "Nothing unsafe.", "policy": "Answer briefly."}
 THINKING = (
     "<think-task>Plan the reply.</think-task>\n<think-safety>Nothing unsafe.</think-safety>\n"
@@ -44,9 +46,9 @@ GOOD = THINKING + "\n<final>Hello there.</final>"
 
 @pytest.fixture
 def phi35():
-    if not (PHI35 / "tokenizer.json").is_file():
-        pytest.skip(f"real Phi-3.5 tokenizer fixture not found at {PHI35} (set SO8T_PHI35_TOKENIZER)")
-    return AutoTokenizer.from_pretrained(PHI35)
+    if not (PHI35_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"real Phi-3.5 tokenizer fixture not found at {PHI35_TOKENIZER} (set SO8T_PHI35_TOKENIZER)")
+    return AutoTokenizer.from_pretrained(PHI35_TOKENIZER)
 
 
 def tiny_phi3(vocab_size: int) -> Phi3ForCausalLM:
@@ -343,7 +345,7 @@ def test_chat_template_renders_phi3_format(phi35):
     assert phi35.apply_chat_template(CONVO, tokenize=False) == expected
     assert phi35.apply_chat_template(CONVO[:2], tokenize=False, add_generation_prompt=True) == (
         "<|system|>\nBe kind.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n")
-    original = (PHI35 / "chat_template.jinja").read_text()
+    original = (PHI35_TOKENIZER / "chat_template.jinja").read_text()
     for convo, gen in ((CONVO, False), (CONVO[:4], True), ([{"role": "system", "content": ""}] + CONVO[1:3], False)):
         assert phi35.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen) == (
             phi35.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen, chat_template=original))

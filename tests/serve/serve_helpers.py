@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from paths import PHI35_TOKENIZER, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-PHI35_TOKENIZER = Path(os.environ.get("SO8T_PHI35_TOKENIZER", REPO.parent / "shared/fixtures/phi35-tokenizer"))
 SECRET = "SECRETMARK"
 ASSISTANT_ID = 32001  # <|assistant|>: the last prompt token, so the script's start
 
@@ -93,7 +92,10 @@ def build_demo_model(out_dir: str | Path, pieces=SCRIPT_PIECES, seed: int = 0) -
     from tiny_models import tiny_so8t
     from transformers import AutoTokenizer
 
-    from so8t_hf.thinking.chat_template import add_thinking_tokens, apply_thinking_chat_template
+    from so8t_hf.thinking.chat_template import (
+        add_thinking_tokens,
+        apply_thinking_chat_template,
+    )
 
     out_dir = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(PHI35_TOKENIZER)

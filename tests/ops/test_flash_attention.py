@@ -20,7 +20,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from so8t_hf.ops import attention_reference, triton_available, varlen_attention_reference  # noqa: E402
+from so8t_hf.ops import (  # noqa: E402
+    attention_reference,
+    triton_available,
+    varlen_attention_reference,
+)
 
 _KERNEL_MODULES = ["so8t_hf.ops.utils", "so8t_hf.ops.flash_attention_bwd", "so8t_hf.ops.flash_attention"]
 

@@ -2,7 +2,6 @@
 gradient accumulation, resume, metrics, PET."""
 
 import logging
-import copy
 import math
 
 import pytest
@@ -12,7 +11,12 @@ from tiny_models import random_ids, tiny_so8t, tiny_tokenizer, token_dataset
 from transformers import Phi3ForCausalLM, TrainerCallback
 
 from so8t_hf import merge_so8t_rotations
-from so8t_hf.training.peft_setup import check_lora_targets, default_lora_config, parameter_groups, quantization_config
+from so8t_hf.training.peft_setup import (
+    check_lora_targets,
+    default_lora_config,
+    parameter_groups,
+    quantization_config,
+)
 from so8t_hf.training.pet import pet_lambda_at, pet_penalty
 from so8t_hf.training.trainer import LossHasNoGraphError, SO8TConfig, SO8TTrainer
 

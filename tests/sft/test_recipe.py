@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from isolation import remote_load_max_diff
+from paths import PHI35_TOKENIZER, REPO
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 import thinking_sft  # noqa: E402
 
@@ -126,15 +126,14 @@ def test_push_to_hub_uploads_the_output_dir_without_checkpoints(run_dir, monkeyp
         push_output_dir(out, None)
 
 
-PHI35 = Path(__import__("os").environ.get("SO8T_PHI35_TOKENIZER", REPO.parent / "shared/fixtures/phi35-tokenizer"))
 
 
-@pytest.mark.skipif(not PHI35.is_dir(), reason=f"Phi-3.5 tokenizer fixture not found at {PHI35}")
+@pytest.mark.skipif(not PHI35_TOKENIZER.is_dir(), reason=f"Phi-3.5 tokenizer fixture not found at {PHI35_TOKENIZER}")
 def test_phi35_config_on_a_shaped_checkpoint_trains_the_new_tag_rows(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import make_phi35_shaped
 
-    make_phi35_shaped.main(["--tokenizer", str(PHI35), "--out", str(tmp_path / "base"), "--hidden", "64",
+    make_phi35_shaped.main(["--tokenizer", str(PHI35_TOKENIZER), "--out", str(tmp_path / "base"), "--hidden", "64",
                             "--layers", "2", "--heads", "4", "--intermediate", "128", "--device", "cpu"])
     thinking_sft.main([
         "--config", str(REPO / "recipes/configs/phi35_mini_lora.yaml"), "--model_name_or_path", str(tmp_path / "base"),

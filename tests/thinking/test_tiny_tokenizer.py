@@ -2,20 +2,25 @@
 ids, the Phi-3 chat format, assistant masks, and a retrain that reproduces the committed files."""
 
 import importlib.util
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from paths import PHI35_TOKENIZER, REPO
+from tiny_models import tiny_so8t
 from transformers import AutoTokenizer
 
-from so8t_hf.thinking.chat_template import PHI3_THINKING_CHAT_TEMPLATE, add_thinking_tokens, thinking_labels
-from so8t_hf.thinking.data import load_thinking_dataset, sample_data_dir, tiny_tokenizer_path
 from so8t_hf.thinking import DEFAULT_TAGS
-from tiny_models import tiny_so8t
+from so8t_hf.thinking.chat_template import (
+    PHI3_THINKING_CHAT_TEMPLATE,
+    add_thinking_tokens,
+    thinking_labels,
+)
+from so8t_hf.thinking.data import (
+    load_thinking_dataset,
+    sample_data_dir,
+    tiny_tokenizer_path,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-PHI35 = Path(os.environ.get("SO8T_PHI35_TOKENIZER", REPO.parent / "shared" / "fixtures" / "phi35-tokenizer"))
 FILES = ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
 SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
             *DEFAULT_TAGS.tokens]
@@ -86,8 +91,8 @@ def test_chat_template_renders_phi3_format(tok):
     assert ids[: len(kind) + 2] == [4, *kind, 7]
     specials = [t for t in ids if t < 16]
     assert specials == [4, 7, 5, 7, 6, 8, 9, 10, 11, 12, 13, 14, 15, 7, 3]
-    if (PHI35 / "chat_template.jinja").is_file():
-        original = (PHI35 / "chat_template.jinja").read_text()
+    if (PHI35_TOKENIZER / "chat_template.jinja").is_file():
+        original = (PHI35_TOKENIZER / "chat_template.jinja").read_text()
         assert text == tok.apply_chat_template(CONVO, tokenize=False, chat_template=original)
 
 

@@ -1,12 +1,9 @@
 """The quickstart notebook runs top to bottom (format -> tiny train -> chat)."""
 
-import os
-from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO
 
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):

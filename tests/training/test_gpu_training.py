@@ -5,10 +5,20 @@ import importlib.util
 
 import pytest
 import torch
-from tiny_models import random_ids, randomize_rotations, tiny_so8t, tiny_tokenizer, token_dataset
+from tiny_models import (
+    random_ids,
+    randomize_rotations,
+    tiny_so8t,
+    tiny_tokenizer,
+    token_dataset,
+)
 
 from so8t_hf import force_attention_backend, last_backend
-from so8t_hf.training.peft_setup import default_lora_config, prepare_kbit_model, quantization_config
+from so8t_hf.training.peft_setup import (
+    default_lora_config,
+    prepare_kbit_model,
+    quantization_config,
+)
 from so8t_hf.training.trainer import SO8TConfig, SO8TTrainer
 
 pytestmark = [
