@@ -46,7 +46,11 @@ if TYPE_CHECKING:
     )
 
 _NAME_TO_MODULE = {name: module for module, names in _import_structure.items() for name in names}
-__all__ = sorted(_NAME_TO_MODULE)
+__all__ = [  # the names of _import_structure (tests/test_package.py checks they agree)
+    "BACKEND_COUNTS", "LossHasNoGraphError", "SO8TConfig", "SO8TTrainer", "So8Rotation", "So8tPhi3Config",
+    "So8tPhi3ForCausalLM", "default_lora_config", "extract_final", "force_attention_backend", "last_backend",
+    "merge_so8t_rotations", "parse_thinking", "render_thinking", "rotation_health", "so8_rotations", "thinking_hash",
+]
 
 
 def __getattr__(name: str):
