@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from so8t_hf.inference.loader import DTYPE_NAMES
-
-logger = logging.getLogger(__name__)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

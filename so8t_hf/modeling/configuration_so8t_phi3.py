@@ -35,12 +35,21 @@ def normalize_so8t_layers(value):
 
 @strict
 class So8tPhi3Config(Phi3Config):
-    r"""
-    so8t_layers (`list[int]` or `"all"`, defaults to `"all"`):
-        Indices of the decoder layers whose attention output is rotated by a learned SO(8) block rotation.
-        Negative indices count from the end.
-    so8t_attn_backend (`str`, defaults to `"auto"`):
-        Backend of `attn_implementation="so8t"`: one of `auto`, `flash_attn`, `triton`, `sdpa`, `chunked`, `eager`.
+    r"""Configuration of SO8T-Phi3: every `Phi3Config` field, plus the SO8T fields below. A stock Phi-3
+    `config.json` (`model_type="phi3"`) loads as an SO8T-Phi3 config with the defaults.
+
+    Args:
+        so8t_layers (`list[int]` or `"all"`, defaults to `"all"`):
+            Indices of the decoder layers whose attention output is rotated by a learned SO(8) block rotation.
+            Negative indices count from the end.
+        so8t_attn_backend (`str`, defaults to `"auto"`):
+            Backend of `attn_implementation="so8t"`: one of `auto`, `flash_attn`, `triton`, `sdpa`, `chunked`,
+            `eager`.
+
+    Example:
+        ```python
+        config = So8tPhi3Config.from_pretrained("microsoft/Phi-3.5-mini-instruct", so8t_layers=[0, 8, 16, 24])
+        ```
     """
 
     model_type = "so8t_phi3"

@@ -192,6 +192,24 @@ class So8tPhi3Model(So8tPhi3PreTrainedModel, Phi3Model):
 
 
 class So8tPhi3ForCausalLM(So8tPhi3PreTrainedModel, Phi3ForCausalLM):
+    r"""Phi-3 causal LM whose chosen layers rotate their attention output with a learned SO(8) block rotation.
+
+    Same weights as `Phi3ForCausalLM` plus one `so8_rotation.theta` (hidden_size/8, 8, 8) per SO8T layer; a stock
+    Phi-3 checkpoint loads with identity rotations and identical logits.
+
+    Args:
+        config (`So8tPhi3Config`): a Phi-3 config plus `so8t_layers` and `so8t_attn_backend`.
+
+    Example:
+        ```python
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained("path/to/so8t-checkpoint", trust_remote_code=True)
+        # or, with the library: So8tPhi3ForCausalLM.from_pretrained("microsoft/Phi-3.5-mini-instruct", so8t_layers="all")
+        rotations = model.so8_rotations()  # layer index -> So8Rotation
+        ```
+    """
+
     def __init__(self, config: So8tPhi3Config):
         super(Phi3ForCausalLM, self).__init__(config)  # skip Phi3ForCausalLM's init, which builds a stock Phi3Model
         self.model = So8tPhi3Model(config)

@@ -20,7 +20,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["AUDIT_COLUMNS", "AuditLog", "AuditRow", "Metrics"]
+__all__ = ["AuditLog", "AuditRow", "Metrics"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -60,9 +60,6 @@ class AuditRow:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     generation_text: str | None = None
-
-
-AUDIT_COLUMNS = (*AuditRow.__dataclass_fields__, "ts_iso")
 
 
 class AuditLog:

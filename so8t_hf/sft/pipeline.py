@@ -82,7 +82,10 @@ def build_model(args: SO8TModelConfig, tokenizer, token_summary):
         model = So8tPhi3ForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
         if args.quantized:
             model = prepare_kbit_model(model, dtype)
-    make_room_for_tokens(model, tokenizer, token_summary["new_ids"], token_summary["old_len"])
+    room = make_room_for_tokens(model, tokenizer, token_summary["new_ids"], token_summary["old_len"])
+    logger.info("model %s: %s, %s, SO8T layers %s, attention %s; %d new tag tokens (%s)", args.model_name_or_path,
+                type(model).__name__, model.dtype, args.so8t_layers, args.attn_implementation,
+                len(token_summary["new_ids"]), "embeddings resized" if room["resized"] else "spare embedding rows")
     return model.train()
 
 

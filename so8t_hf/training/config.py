@@ -17,7 +17,27 @@ class LossHasNoGraphError(RuntimeError):
 
 @dataclass
 class SO8TConfig(SFTConfig):
-    """`trl.SFTConfig` plus the SO8T settings."""
+    r"""`trl.SFTConfig` plus the SO8T settings. Every `SFTConfig` / `TrainingArguments` field works as there.
+
+    Args:
+        so8t_learning_rate (`float`, *optional*): learning rate of the SO(8) generators, in their own param group
+            without weight decay; defaults to `learning_rate`.
+        so8t_trainable (`bool`, defaults to `True`): train the SO(8) rotations (saved with the adapter).
+        pet_lambda (`float`, defaults to `0.0`): weight of the PET smoothness penalty on the last hidden states;
+            `pet_phase_boundaries` / `pet_phase_scales` give its 3-phase schedule over training progress.
+        loss_fallback (`str`, defaults to `"recover"`): a loss without a graph is recomputed from the last hidden
+            state through `lm_head` (`recover`, warned and counted) or raises at once (`error`).
+        activation_checkpointing (`bool`, defaults to `True`): non-reentrant unless
+            `activation_checkpointing_kwargs` says otherwise; `gradient_checkpointing` is its alias on every
+            supported transformers.
+
+    Example:
+        ```python
+        from so8t_hf import SO8TConfig
+
+        args = SO8TConfig(output_dir="run", learning_rate=2e-4, so8t_learning_rate=1e-3, packing=True, bf16=True)
+        ```
+    """
 
     # None = unset: the alias decides, else True (resolved in __post_init__, so an explicit alias is not overridden)
     activation_checkpointing: bool | None = field(

@@ -9,13 +9,10 @@ The SO(8) rotations ride along as PEFT `modules_to_save`: trainable, written int
 from __future__ import annotations
 
 import copy
-import logging
 import re
 
 import torch
 from peft import LoraConfig, PeftConfig
-
-logger = logging.getLogger(__name__)
 
 PHI3_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 SO8_MODULE = "so8_rotation"

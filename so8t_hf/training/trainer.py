@@ -42,7 +42,26 @@ def _unwrap(model):
 
 
 class SO8TTrainer(SFTTrainer):
-    """Drop-in `trl.SFTTrainer` for SO8T-Phi3 (and any causal LM); see the module docstring."""
+    """Drop-in `trl.SFTTrainer` for SO8T-Phi3 (and any causal LM) whose loss cannot silently stop learning.
+
+    Args:
+        model (`str` or `PreTrainedModel`): the model, or a checkpoint loaded with `args.model_init_kwargs`.
+        args (`SO8TConfig`, *optional*): training settings; a plain `TrainingArguments` / `SFTConfig` is converted.
+        peft_config (`peft.PeftConfig`, *optional*): LoRA / QLoRA adapters. Targets that match no module are an
+            error; the SO(8) generators are added to `modules_to_save` (trained, saved with the adapter).
+        **kwargs: everything `trl.SFTTrainer` takes (`train_dataset`, `eval_dataset`, `processing_class`,
+            `callbacks`, ...).
+
+    Example:
+        ```python
+        from so8t_hf import SO8TConfig, SO8TTrainer, So8tPhi3ForCausalLM, default_lora_config
+
+        model = So8tPhi3ForCausalLM.from_pretrained("microsoft/Phi-3.5-mini-instruct", dtype="bfloat16")
+        trainer = SO8TTrainer(model=model, args=SO8TConfig(output_dir="run", so8t_learning_rate=1e-3),
+                              train_dataset=dataset, processing_class=tokenizer, peft_config=default_lora_config())
+        trainer.train()
+        ```
+    """
 
     def __init__(self, model, args: SO8TConfig | None = None, *pos, peft_config=None, **kwargs):
         if args is None:
