@@ -168,7 +168,7 @@ def test_ddp_two_cpu_processes_follow_the_single_process_loss_curve(tmp_path):
     script = str(REPO / "recipes/thinking_sft.py")
     runs = {
         "single": [sys.executable, script, *common, "--per_device_train_batch_size", "2"],
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *common,
+        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *common,
                 "--per_device_train_batch_size", "1", "--ddp_backend", "gloo"],
     }
     logs = {}
