@@ -68,10 +68,11 @@ def generate_baseline_ms(model_dir: Path, max_new_tokens: int, threads: int, rep
     """Median in-process time of the engine's own generate call for one request (no HTTP, queue, audit)."""
     import torch
 
-    from so8t_hf.serve.engine import GenerationEngine, GenParams, Job, load_model
+    from so8t_hf.inference.loader import load_for_inference
+    from so8t_hf.serve.engine import GenerationEngine, GenParams, Job
 
     torch.set_num_threads(threads)
-    model, tok = load_model(str(model_dir), device="cpu")
+    model, tok = load_for_inference(str(model_dir), device="cpu", merge_rotations=True)
     engine = GenerationEngine(model, tok)
     ids = engine.encode_messages([{"role": "user", "content": "q"}])
     loop = asyncio.new_event_loop()

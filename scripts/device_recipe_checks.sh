@@ -9,7 +9,6 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 [ -d /tmp/site/trl ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-[ -e so8t_hf/modeling ] || ln -sfn ../modeling so8t_hf/modeling
 python3 scripts/make_phi35_shaped.py --tokenizer .fixtures/phi35-tokenizer --out /tmp/phi35-shaped 2>&1 | tail -1 | tee "$OUT/device.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$OUT/device.txt"
 common=(--model_name_or_path /tmp/phi35-shaped --max_steps ${STEPS:-30} --logging_steps 5 --eval_strategy no --save_strategy no
