@@ -234,6 +234,8 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int | None, int, Any]]:
             value: Any = json.loads(line)
         except json.JSONDecodeError as err:
             value = RowProblem(str(path), line_no, row, "", f"invalid JSON: {err.msg} (column {err.colno})")
+        except RecursionError:
+            value = RowProblem(str(path), line_no, row, "", "invalid JSON: nested too deeply")
         yield line_no, row, value
         row += 1
 
@@ -277,6 +279,8 @@ def read_rows(path: Path) -> Iterator[tuple[int | None, int, Any]]:
         return
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise _unreadable(path, "invalid JSON: nested too deeply", "the file cannot be read") from None
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # a .json file holding JSON Lines
             yield from _jsonl_rows(path, text)

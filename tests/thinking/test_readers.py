@@ -162,3 +162,24 @@ def test_the_bundled_sample_resolves_from_any_directory(tmp_path, monkeypatch, c
     own.mkdir(parents=True)
     (own / "mine.jsonl").write_text(json.dumps(row()) + "\n")
     assert load_thinking_dataset("data/sample")["source"] == ["data/sample/mine.jsonl:1"]
+
+
+def test_hostile_rows_are_bad_rows_not_crashes(tmp_path):
+    path = tmp_path / "hostile.jsonl"
+    lines = [json.dumps(row()), "[" * 100_000, '{"instruction": NaN, "output": "x"}', "\x00",
+             json.dumps({"messages": {"role": "user"}}), json.dumps(row())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = tmp_path / "report.json"
+    ds = load_thinking_dataset(path, on_bad_rows="skip", report_path=report)
+    assert ds["source"] == [f"{path}:1", f"{path}:6"]
+    first = {}
+    for p in json.loads(report.read_text())["problems"]:
+        first.setdefault(p["line"], (p["field"], p["reason"]))
+    assert sorted(first) == [2, 3, 4, 5]
+    assert first[2] == ("", "invalid JSON: nested too deeply")
+    assert first[3] == ("instruction", "must be a string, got float")
+    assert first[4][1].startswith("invalid JSON: Expecting value")
+    assert first[5] == ("messages", "must be a non-empty list of {'role', 'content'} messages")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with pytest.raises(DataValidationError, match="deep.json: invalid JSON: nested too deeply"):
+        load_thinking_dataset(tmp_path / "deep.json")
