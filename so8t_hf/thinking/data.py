@@ -25,7 +25,9 @@ Ecosystem shapes, mapped onto the configured tag set (details in `validation`'s 
 The reasoning becomes the section `reasoning_section` (default: the first section, `task`), the other sections
 are rendered empty, the answer becomes `<final>`. `drop_earlier_thinking` (default True) keeps only the final
 text of earlier assistant turns, as `so8t-hf chat` and the server keep history; those turns are context for
-the loss (`thinking_labels`), never targets.
+the loss (`thinking_labels`), never targets. TRL's own `assistant_only_loss` (the chat template's generation
+markers) trains every assistant turn, those included: train such rows with `thinking_labels`, as the recipe
+does, or load them with `drop_earlier_thinking=False`.
 
 Limits: all rows are held in memory (fine for SFT-sized data, not for pre-training corpora). JSON is parsed row
 by row with the `json` module, not `datasets`' pyarrow reader, which reports neither line numbers nor per-row
