@@ -41,7 +41,7 @@ MODEL_MAX_LENGTH = 4096
 def corpus(data: str | Path) -> list[str]:
     """Every message content of the sample data, thinking tags replaced by newlines, in file order."""
     tag_re = re.compile("|".join(re.escape(t) for t in DEFAULT_TAGS.tokens))
-    dataset = load_thinking_dataset(data)
+    dataset = load_thinking_dataset(data, drop_earlier_thinking=False)  # every turn's thinking, as committed
     return [tag_re.sub("\n", m["content"]) for messages in dataset["messages"] for m in messages]
 
 

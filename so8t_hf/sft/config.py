@@ -10,6 +10,10 @@ Three dataclasses, parsed together by `make_parser()` (TRL's `TrlParser`): YAML 
   truncation, evaluation rows).
 - `SO8TConfig` (`so8t_hf.training`): TRL's `SFTConfig` plus the SO8T training settings.
 
+`make_parser()` also refuses, at parse time and with the reason, TRL settings that the recipe would otherwise
+ignore: `assistant_only_loss` / `completion_only_loss` (the recipe sets the labels itself from `loss_mask`) and
+`chat_template_path` (the recipe trains and saves its own thinking chat template); see `check_recipe_args`.
+
 Renamed fields (0.1 names) keep working as deprecated aliases: `use_lora` -> `use_peft`,
 `quantization_bits: 4 | 8` -> `load_in_4bit` (with nested quantisation) / `load_in_8bit`; and
 `tag_preset` moved from the model to the data config.
@@ -28,11 +32,11 @@ from so8t_hf.modeling.configuration_so8t_phi3 import (
     normalize_so8t_layers,
 )
 from so8t_hf.thinking.chat_template import LOSS_MODES
-from so8t_hf.thinking.format import TAG_PRESETS
+from so8t_hf.thinking.format import TAG_PRESETS, get_tag_preset
 from so8t_hf.training.config import SO8TConfig
 from so8t_hf.training.peft_setup import PHI3_LORA_TARGETS
 
-__all__ = ["TINY_MODEL", "SO8TModelConfig", "ThinkingDataConfig", "make_parser"]
+__all__ = ["TINY_MODEL", "SO8TModelConfig", "ThinkingDataConfig", "check_recipe_args", "make_parser"]
 
 TINY_MODEL = "tiny"
 
@@ -130,15 +134,33 @@ class ThinkingDataConfig:
     """The thinking-SFT data: where it is, its tag set, and how it becomes training examples.
 
     Args:
-        dataset_path (`list[str]`): JSONL / JSON / Parquet files, folders or globs.
+        dataset_path (`list[str]`): JSONL / JSON / Parquet files (JSON kinds also .gz/.bz2/.xz), folders (read
+            recursively) or globs; relative to the current directory, except that `data/sample` falls back to the
+            sample of the so8t_hf source checkout (logged).
         tag_preset (`str`): the thinking tag set, `default` or `reasoning4`.
         loss_mask (`str`): loss on the `assistant` turns (default), the `final_only` blocks, or `all` tokens.
+        reasoning_section (`str`, *optional*): the section that receives free-text reasoning (`reasoning_content`,
+            `<think>...</think>` answers); the other sections are rendered empty. Default: the tag set's first.
+        drop_earlier_thinking (`bool`, defaults to `True`): earlier assistant turns of multi-turn rows keep only
+            their final text, as `so8t-hf chat` and the server keep history, and are context, not targets.
     """
 
     dataset_path: list[str] = field(
-        default_factory=lambda: ["data/sample"], metadata={"help": "JSONL / JSON / Parquet files, folders or globs."}
+        default_factory=lambda: ["data/sample"],
+        metadata={"help": "JSONL / JSON / Parquet files (JSON also .gz/.bz2/.xz), folders (recursive) or globs; "
+                          "relative to the current directory ('data/sample' falls back to the bundled sample)."},
     )
     tag_preset: str = field(default="default", metadata={"help": "Thinking tag preset.", "choices": list(TAG_PRESETS)})
+    reasoning_section: str | None = field(
+        default=None,
+        metadata={"help": "Section that receives free-text reasoning (reasoning_content, <think>...</think> answers); "
+                          "the others are rendered empty. Default: the tag set's first section (task)."},
+    )
+    drop_earlier_thinking: bool = field(
+        default=True,
+        metadata={"help": "Earlier assistant turns keep only their final text, as chat and the server keep history "
+                          "(context, not targets); false keeps and trains their thinking."},
+    )
     on_bad_rows: str = field(
         default="error",
         metadata={"help": "Bad rows: 'error' (list them all) or 'skip' (report).", "choices": ["error", "skip"]},
@@ -163,15 +185,48 @@ class ThinkingDataConfig:
         _check_choice("ThinkingDataConfig", "on_bad_rows", self.on_bad_rows, ("error", "skip"))
         _check_choice("ThinkingDataConfig", "on_truncated", self.on_truncated, ("drop", "error"))
         _check_choice("ThinkingDataConfig", "loss_mask", self.loss_mask, LOSS_MODES)
+        if self.reasoning_section is not None:
+            keys = get_tag_preset(self.tag_preset).keys
+            _check_choice("ThinkingDataConfig", "reasoning_section", self.reasoning_section, keys)
+
+
+REFUSED_TRAINING_ARGS = {
+    "assistant_only_loss": "the thinking recipe tokenises the rows itself and sets the labels from loss_mask; "
+                           "loss_mask: assistant (the default) trains what assistant_only_loss would (each assistant "
+                           "turn with thinking, <|end|> included). Remove it, or choose another loss_mask.",
+    "completion_only_loss": "the thinking recipe tokenises the rows itself and sets the labels from loss_mask "
+                            "(assistant, final_only or all). Remove it, or choose loss_mask.",
+    "chat_template_path": "the thinking recipe renders every row with its Phi-3 thinking template "
+                          "(so8t_hf.thinking.chat_template), from whose role and tag tokens the loss labels and the "
+                          "stop rules are computed, and saves that template with the model; another template would "
+                          "train one format and ship another. Remove it.",
+}
+
+
+def check_recipe_args(model_args: SO8TModelConfig, data_args: ThinkingDataConfig, training_args: SO8TConfig) -> None:
+    """Refuse settings the recipe cannot honour (see `REFUSED_TRAINING_ARGS`) before anything is built."""
+    for name, reason in REFUSED_TRAINING_ARGS.items():
+        value = getattr(training_args, name, None)
+        if value not in (None, False):
+            raise ValueError(f"{name}={value!r} is not supported by the thinking-SFT recipe: {reason}")
 
 
 DATACLASS_TYPES = (SO8TModelConfig, ThinkingDataConfig, SO8TConfig)
 
 
+class RecipeParser(TrlParser):
+    """`TrlParser` over the three configs that also runs `check_recipe_args` on what it parsed."""
+
+    def parse_args_and_config(self, *args, **kwargs):
+        parsed = super().parse_args_and_config(*args, **kwargs)
+        check_recipe_args(*parsed[:3])
+        return parsed
+
+
 def make_parser(subparsers=None, prog: str | None = None) -> TrlParser:
-    """The recipe's parser (as TRL's scripts make theirs): a `TrlParser` over the three configs, or a `train`
+    """The recipe's parser (as TRL's scripts make theirs): a `RecipeParser` over the three configs, or a `train`
     subcommand of `subparsers` (a `TrlParser`'s) when given. `parse_args_and_config(argv)` returns
-    `(SO8TModelConfig, ThinkingDataConfig, SO8TConfig)`."""
+    `(SO8TModelConfig, ThinkingDataConfig, SO8TConfig)`; `run_thinking_sft` runs `check_recipe_args` again."""
     if subparsers is not None:
         return subparsers.add_parser("train", help="thinking SFT", dataclass_types=DATACLASS_TYPES)
-    return TrlParser(DATACLASS_TYPES, prog=prog)
+    return RecipeParser(DATACLASS_TYPES, prog=prog)

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, set_seed
 
 from so8t_hf.inference.loader import resolve_dtype
 from so8t_hf.modeling import So8tPhi3Config, So8tPhi3ForCausalLM
-from so8t_hf.sft.config import TINY_MODEL, SO8TModelConfig, ThinkingDataConfig
+from so8t_hf.sft.config import TINY_MODEL, SO8TModelConfig, ThinkingDataConfig, check_recipe_args
 from so8t_hf.sft.reporting import write_run_reports
 from so8t_hf.thinking.chat_template import (
     add_thinking_tokens,
@@ -100,10 +100,13 @@ def tokenize_rows(dataset, tokenizer, mode: str, tags):
     return dataset.map(encode, desc="Tokenizing with thinking loss masks")
 
 
-def build_datasets(data: ThinkingDataConfig, tokenizer, max_length: int, output_dir: Path, tags, seed: int):
+def build_datasets(data: ThinkingDataConfig, tokenizer, max_length: int | None, output_dir: Path, tags, seed: int):
+    """Load and validate the rows (`data_report.json`), check truncation at `max_length` (None: no limit, no check;
+    `truncation_report.json`), split, tokenise with the loss mask. Returns (train, eval or None, eval messages)."""
     dataset = load_thinking_dataset(
         data.dataset_path, tags=tags, on_bad_rows=data.on_bad_rows, report_path=output_dir / "data_report.json",
-        system_prompt=data.system_prompt,
+        system_prompt=data.system_prompt, reasoning_section=data.reasoning_section,
+        drop_earlier_thinking=data.drop_earlier_thinking,
     )
     truncated = check_truncation(dataset, tokenizer, max_length, tags=tags, report_path=output_dir / "truncation_report.json")
     if any(r.cuts_final for r in truncated):
@@ -117,6 +120,13 @@ def build_datasets(data: ThinkingDataConfig, tokenizer, max_length: int, output_
     train_tok = tokenize_rows(train, tokenizer, data.loss_mask, tags).remove_columns(["messages", "source"])
     eval_tok = tokenize_rows(evaluation, tokenizer, data.loss_mask, tags).remove_columns(["messages", "source"]) if evaluation else None
     return train_tok, eval_tok, (evaluation["messages"] if evaluation else [])
+
+
+def packing_length(*datasets) -> int:
+    """The longest tokenised row: the packed sequence length when `max_length` is None (no row is cut)."""
+    longest = max(len(ids) for ds in datasets if ds is not None for ids in ds["input_ids"])
+    logger.info("max_length is None with packing: packing into sequences of the longest row, %d tokens", longest)
+    return longest
 
 
 def lora_config(args: SO8TModelConfig, new_token_ids: list[int]):
@@ -134,6 +144,7 @@ def lora_config(args: SO8TModelConfig, new_token_ids: list[int]):
 
 def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig, training_args: SO8TConfig) -> dict:
     """Train, evaluate and save; returns the final metrics."""
+    check_recipe_args(model_args, data_args, training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +154,8 @@ def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig,
     train, evaluation, eval_messages = build_datasets(
         data_args, tokenizer, training_args.max_length, output_dir, tags, training_args.seed
     )
+    if training_args.max_length is None and training_args.packing:  # TRL packs into max_length-token sequences
+        training_args.max_length = packing_length(train, evaluation)
     eval_rows = eval_messages[: data_args.eval_generation_rows]
     new_ids = token_summary["new_ids"]  # tag tokens this run added: their embedding rows must train too
     trainer = SO8TTrainer(

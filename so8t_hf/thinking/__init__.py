@@ -1,6 +1,6 @@
 """The thinking format and everything built on it: the tag format and its lexer (`format`), the Phi-3 chat
-template, tag tokens and loss labels (`chat_template`), data loading and validation (`data`, `validation`),
-and the thinking metrics (`metrics`). Importing this package loads only the format (pure Python)."""
+template, tag tokens and loss labels (`chat_template`), data files, loading and validation (`readers`, `data`,
+`validation`), and the thinking metrics (`metrics`). Importing this package loads only the format (pure Python)."""
 
 from so8t_hf.thinking.format import (
     DEFAULT_TAGS,

@@ -10,7 +10,8 @@ What:
 - `add_thinking_tokens`: the tags as special tokens (one id each), in the model's spare
   embedding rows when there are any (Phi-3.5: 32,064 rows for 32,011 tokens), else by resizing.
 - `thinking_labels`: labels for the loss modes `assistant`, `final_only` and `all`, computed from
-  token ids alone (role and tag ids), so they hold for packed sequences too.
+  token ids alone (role and tag ids), so they hold for packed sequences too. An assistant turn without
+  any tag (earlier turns whose thinking was dropped) is context in `assistant` and `final_only` mode.
 
 Limits: Phi-3 role tokens (`<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>`) must be single
 tokens; `<|assistant|>` must absorb the newline after it (as Phi-3's does: rstrip) for the
@@ -127,12 +128,25 @@ def make_room_for_tokens(model: Any, tokenizer: Any, new_ids: list[int], old_len
     return {"resized": resized, "num_embeddings": rows}
 
 
-def _labels_1d(ids: list[int], mode: str, sid: dict[str, int], stops: set[int]) -> list[int]:
+def _tagged_turns(ids: list[int], sid: dict[str, int], stops: set[int], tag_ids: set[int]) -> set[int]:
+    """Positions of the `<|assistant|>` tokens whose turn holds at least one tag token."""
+    tagged: set[int] = set()
+    start = None
+    for i, t in enumerate(ids):
+        if t in stops or t == sid["end"]:
+            start = i if t == sid["assistant"] else None
+        elif start is not None and t in tag_ids:
+            tagged.add(start)
+    return tagged
+
+
+def _labels_1d(ids: list[int], mode: str, sid: dict[str, int], stops: set[int], tag_ids: set[int]) -> list[int]:
     labels = [IGNORE_INDEX] * len(ids)
+    tagged = _tagged_turns(ids, sid, stops, tag_ids)
     in_turn = in_final = has_final = False
     for i, t in enumerate(ids):
         if t in stops:  # a role token or EOS ends an assistant turn left open (truncated)
-            in_turn, in_final, has_final = t == sid["assistant"], False, False
+            in_turn, in_final, has_final = t == sid["assistant"] and i in tagged, False, False
             continue
         if not in_turn:
             continue
@@ -161,7 +175,9 @@ def thinking_labels(
 
     - `assistant`: every token after each `<|assistant|>` up to and including the `<|end|>`
       that closes the turn (thinking, final and `<|end|>`); an unclosed turn ends before the next
-      role token or EOS. Equals the template's `{% generation %}` span.
+      role token or EOS. Equals the template's `{% generation %}` span, except that a turn holding no
+      tag token (an earlier turn kept as its final text only, as chat history keeps it) is context:
+      the model must never learn to answer without thinking.
     - `final_only`: within assistant turns, each `<final>` ... `</final>` block, both tags
       included (the model must learn to leave thinking and to close the answer), plus the turn's
       `<|end|>` when the turn has a final (so it learns to stop); thinking is context only.
@@ -185,7 +201,8 @@ def thinking_labels(
     rows = input_ids.tolist() if is_tensor else input_ids
     batched = input_ids.dim() == 2 if is_tensor else len(rows) > 0 and hasattr(rows[0], "__len__")
     seqs = [list(r) for r in rows] if batched else [list(rows)]
-    labels = [list(s) if mode == "all" else _labels_1d(s, mode, sid, stops) for s in seqs]
+    tag_ids = {_single_id(tokenizer, t) for t in tags.tokens}
+    labels = [list(s) if mode == "all" else _labels_1d(s, mode, sid, stops, tag_ids) for s in seqs]
     if attention_mask is not None:
         masks = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else attention_mask
         masks = masks if batched else [masks]

@@ -1,33 +1,45 @@
 """Thinking-SFT data: load + validate local files, train/eval split, truncation check, tiny tokenizer.
 
 What:
-- `load_thinking_dataset(paths)`: local JSONL / JSON / Parquet files (or folders of them) in the
-  three row shapes of `data_validation` -> a `datasets.Dataset` with a `messages` column (the
-  conversational format TRL's SFTTrainer trains on with a chat template; assistant-only loss
-  comes from the template's `{% generation %}` markers) and a `source` column (`file:line`).
-  Every bad row is reported with file:line, field and reason: `on_bad_rows="error"` raises one
-  `DataValidationError` listing them all, `"skip"` drops them, prints the count and (with
-  `report_path`) writes a JSON report. Nothing is dropped silently.
+- `load_thinking_dataset(paths)`: local data files (or folders / globs of them, see `readers`) in the row shapes
+  of `validation` -> a `datasets.Dataset` with a `messages` column (the conversational format TRL's SFTTrainer
+  trains on with a chat template) and a `source` column (`file:line` or `file:row N`). Every bad row is reported
+  with its location, field and reason: `on_bad_rows="error"` raises one `DataValidationError` listing them all,
+  `"skip"` drops them, logs the count and (with `report_path`) writes a JSON report. Nothing is dropped silently:
+  files in the folders that are not read, and files without rows, are logged and listed in the report.
 - `split_train_eval`: a seeded train/eval split.
-- `check_truncation` / `drop_truncated`: rows whose chat-template tokens exceed `max_length`, and
-  whether `</final>` is cut off (TRL truncates and packs with `keep_start`, cutting the end).
+- `check_truncation` / `drop_truncated`: rows whose chat-template tokens exceed `max_length` (None: no limit, no
+  check), and whether `</final>` is cut off (TRL truncates and packs with `keep_start`, cutting the end).
 - `tiny_tokenizer_path()`: the byte-level BPE tokenizer the project trains and ships for tiny runs.
 
-Locations: `path:17` is the 1-based line of a JSONL file; `path:row 3` is the 0-based row index
-of a JSON array or a Parquet file (`ds[3]`).
+Files (`readers`): `.jsonl` / `.ndjson` / `.json` (also `.gz`, `.bz2`, `.xz`) and `.parquet`; folders are read
+recursively (hidden entries and non-data files are listed as skipped); globs may use `**`. Relative paths resolve
+against the current directory, except that `data/sample` (the recipes' default) falls back to the sample of the
+so8t_hf source checkout when the current directory has none (logged). Text must be UTF-8: a file that is not is
+an error naming every bad line. JSON Lines split on "\\n" only, so U+2028 / U+2029 / U+0085 inside a row are data.
 
-Limits: JSON / JSONL files are parsed row by row with the `json` module, not `datasets`' pyarrow
-reader, which reports neither line numbers nor per-row errors and fails a whole file on one row
-of another type; all rows are held in memory (fine for SFT-sized data, not for pre-training
-corpora). Parquet is read with `datasets`. Folders are read non-recursively, files sorted by name.
+Ecosystem shapes, mapped onto the configured tag set (details in `validation`'s docstring):
+- chat `messages` whose assistant turns carry `reasoning_content` (or `thinking`) beside a plain answer;
+- answers written `<think>reasoning</think>answer` (DeepSeek-R1 / Qwen3), in `messages`, `output` or `completion`;
+- TRL's `prompt` / `completion` rows, conversational (message lists) or plain (strings).
+The reasoning becomes the section `reasoning_section` (default: the first section, `task`), the other sections
+are rendered empty, the answer becomes `<final>`. `drop_earlier_thinking` (default True) keeps only the final
+text of earlier assistant turns, as `so8t-hf chat` and the server keep history; those turns are context for
+the loss (`thinking_labels`), never targets. TRL's own `assistant_only_loss` (the chat template's generation
+markers) trains every assistant turn, those included: train such rows with `thinking_labels`, as the recipe
+does, or load them with `drop_earlier_thinking=False`.
+
+Limits: all rows are held in memory (fine for SFT-sized data, not for pre-training corpora). JSON is parsed row
+by row with the `json` module, not `datasets`' pyarrow reader, which reports neither line numbers nor per-row
+errors and fails a whole file on one row of another type.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +47,15 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 
 from so8t_hf.thinking.format import DEFAULT_TAGS, ThinkingTags, get_tag_preset
-from so8t_hf.thinking.validation import normalize_thinking_row
+from so8t_hf.thinking.readers import (
+    DATA_SUFFIXES,
+    DataValidationError,
+    RowProblem,
+    expand_paths,
+    read_rows,
+    sample_data_dir,
+)
+from so8t_hf.thinking.validation import normalize_thinking_row, row_shape
 
 __all__ = [
     "DATA_SUFFIXES",
@@ -52,112 +72,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
-MAX_LISTED = 50  # problems listed in an error message; the rest are counted
-
-
-@dataclass(frozen=True)
-class RowProblem:
-    """One problem of one row: `file`, 1-based `line` (JSONL) or None, 0-based `row`, `field`, `reason`."""
-
-    file: str
-    line: int | None
-    row: int | None
-    field: str
-    reason: str
-
-    @property
-    def where(self) -> str:
-        if self.line is not None:
-            return f"{self.file}:{self.line}"
-        return self.file if self.row is None else f"{self.file}:row {self.row}"
-
-    def __str__(self) -> str:
-        return f"{self.where}: field '{self.field}': {self.reason}" if self.field else f"{self.where}: {self.reason}"
-
-
-class DataValidationError(ValueError):
-    """Bad rows or unreadable files; `problems` holds every one, the message the first 50."""
-
-    def __init__(self, problems: list[RowProblem], hint: str = "") -> None:
-        self.problems = list(problems)
-        rows = {(p.file, p.line, p.row) for p in self.problems}
-        lines = [str(p) for p in self.problems[:MAX_LISTED]]
-        if len(self.problems) > MAX_LISTED:
-            lines.append(f"... and {len(self.problems) - MAX_LISTED} more problems")
-        head = f"{len(self.problems)} problem(s) in {len(rows)} row(s)"
-        super().__init__("\n".join([head + (f"; {hint}" if hint else "") + ":", *lines]))
-
-
-# --------------------------------------------------------------------------------------- files
-
-
-def _expand(paths: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Files to read: folders give their data files (sorted), globs are expanded, order kept."""
-    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    if not items:
-        raise ValueError("no dataset paths given")
-    files: list[Path] = []
-    for item in items:
-        text = str(item)
-        if any(c in text for c in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(text) if Path(m).suffix.lower() in DATA_SUFFIXES)
-            if not matches:
-                raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} files match {text!r}")
-            files += matches
-        elif Path(text).is_dir():
-            found = sorted(p for p in Path(text).iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"folder {text!r} holds no {'/'.join(DATA_SUFFIXES)} files")
-            files += found
-        elif Path(text).is_file():
-            if Path(text).suffix.lower() not in DATA_SUFFIXES:
-                suffix = Path(text).suffix
-                raise ValueError(f"unsupported file type {suffix!r} ({text}); use {', '.join(DATA_SUFFIXES)}")
-            files.append(Path(text))
-        else:
-            raise FileNotFoundError(f"dataset path {text!r} does not exist")
-    return list(dict.fromkeys(files))
-
-
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int | None, int, Any]]:
-    row = 0
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value: Any = json.loads(line)
-        except json.JSONDecodeError as err:
-            value = RowProblem(str(path), line_no, row, "", f"invalid JSON: {err.msg} (column {err.colno})")
-        yield line_no, row, value
-        row += 1
-
-
-def _read_rows(path: Path) -> Iterator[tuple[int | None, int, Any]]:
-    """(1-based line or None, 0-based row, row value or RowProblem) for every row of `path`."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        for i, value in enumerate(Dataset.from_parquet(str(path))):
-            yield None, i, value
-        return
-    text = path.read_text(encoding="utf-8-sig")
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _jsonl_rows(path, text)
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # a .json file holding JSON Lines
-            yield from _jsonl_rows(path, text)
-            return
-        raise DataValidationError([RowProblem(str(path), err.lineno, None, "", f"invalid JSON: {err.msg}")],
-                                  "the file cannot be read, so its rows cannot be counted") from None
-    if not isinstance(data, list):
-        raise DataValidationError([RowProblem(str(path), None, None, "", "a .json file must hold a list of row "
-                                              f"objects (or one object per line), got {type(data).__name__}")])
-    for i, value in enumerate(data):
-        yield None, i, value
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -179,43 +93,61 @@ def load_thinking_dataset(
     on_bad_rows: str = "error",
     report_path: str | Path | None = None,
     system_prompt: str | None = None,
+    reasoning_section: str | None = None,
+    drop_earlier_thinking: bool = True,
 ) -> Dataset:
     """Load, validate and normalise thinking-SFT rows into a `Dataset` of `messages` + `source`.
 
-    `paths`: files, folders (their .jsonl/.ndjson/.json/.parquet files) or globs. `tags`: a tag set
-    or preset name. `on_bad_rows`: "error" raises `DataValidationError` listing every problem;
-    "skip" drops the bad rows and prints how many. `report_path`: a JSON report (files, row
-    counts, every problem as file/line/row/field/reason) written in both modes. `system_prompt`:
-    added to rows without a system message. Unreadable files always raise.
+    `paths`: files, folders (read recursively) or globs. `tags`: a tag set or preset name. `on_bad_rows`:
+    "error" raises `DataValidationError` listing every problem; "skip" drops the bad rows and logs how many.
+    `report_path`: a JSON report (files, skipped files, files without rows, row counts per shape, every problem
+    as file/line/row/field/reason) written in both modes. `system_prompt`: added to rows without a system
+    message. `reasoning_section`: the section that receives free-text reasoning (`reasoning_content`,
+    `<think>...</think>`); default the first. `drop_earlier_thinking`: earlier assistant turns keep only their
+    final text (what chat keeps in history). Unreadable files always raise.
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
     tags = _as_tags(tags)
-    files = _expand(paths)
+    if reasoning_section is not None and reasoning_section not in tags.keys:
+        raise ValueError(f"reasoning_section={reasoning_section!r} is not a section of this tag set; choose one of "
+                         f"{list(tags.keys)}")
+    files, skipped = expand_paths(paths)
     kept: list[dict[str, Any]] = []
     problems: list[RowProblem] = []
+    shapes: Counter[str] = Counter()
+    empty: list[str] = []
     total = 0
     for path in files:
-        for line, row, value in _read_rows(path):
+        before = total
+        for line, row, value in read_rows(path):
             total += 1
             if isinstance(value, RowProblem):
                 problems.append(value)
                 continue
-            messages, found = normalize_thinking_row(value, tags, system_prompt)
+            messages, found = normalize_thinking_row(value, tags, system_prompt, reasoning_section=reasoning_section,
+                                                     drop_earlier_thinking=drop_earlier_thinking)
             if found:
                 problems += [RowProblem(str(path), line, row, field, reason) for field, reason in found]
             else:
+                shapes[row_shape(value)] += 1
                 kept.append({"messages": messages, "source": f"{path}:{line}" if line else f"{path}:row {row}"})
+        if total == before:
+            empty.append(str(path))
     bad = len({(p.file, p.line, p.row) for p in problems})
     fails = total == 0 or bool(problems and (on_bad_rows == "error" or not kept))
     if report_path is not None:
         _write_report(report_path, {
-            "files": [str(f) for f in files], "on_bad_rows": on_bad_rows, "total_rows": total,
-            "bad_rows": bad, "skipped_rows": 0 if fails else bad, "kept_rows": 0 if fails else len(kept),
-            "problems": [asdict(p) for p in problems],
+            "files": [str(f) for f in files], "skipped_files": skipped, "files_without_rows": empty,
+            "on_bad_rows": on_bad_rows, "total_rows": total, "bad_rows": bad, "skipped_rows": 0 if fails else bad,
+            "kept_rows": 0 if fails else len(kept), "kept_shapes": {} if fails else dict(sorted(shapes.items())),
+            "drop_earlier_thinking": drop_earlier_thinking,
+            "reasoning_section": reasoning_section or tags.keys[0], "problems": [asdict(p) for p in problems],
         })
     if total == 0:
         raise DataValidationError([RowProblem(str(f), None, None, "", "no rows") for f in files], "nothing to train on")
+    if empty:
+        logger.warning("%d file(s) hold no rows: %s", len(empty), ", ".join(empty))
     if fails:
         hint = ("every row is bad" if not kept else
                 "fix them, or pass on_bad_rows='skip' (with report_path=...) to drop these rows with a report")
@@ -272,7 +204,7 @@ class TruncatedRow:
 def check_truncation(
     dataset: Dataset,
     tokenizer: Any,
-    max_length: int,
+    max_length: int | None,
     *,
     tags: ThinkingTags | str = DEFAULT_TAGS,
     chat_template: str | None = None,
@@ -285,6 +217,11 @@ def check_truncation(
     the list to `report_path` (JSON) when given. Pass the result to `drop_truncated` to drop rows.
     """
     tags = _as_tags(tags)
+    if max_length is None:
+        logger.info("max_length is None: rows are not truncated, so none is checked")
+        if report_path is not None:
+            _write_report(report_path, {"max_length": None, "rows": len(dataset), "truncated": []})
+        return []
     closing = f"</{tags.final}>"
     if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; call "
@@ -331,12 +268,4 @@ def tiny_tokenizer_path() -> Path:
     path = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tiny tokenizer missing at {path}; run scripts/train_tiny_tokenizer.py")
-    return path
-
-
-def sample_data_dir() -> Path:
-    """`data/sample` of a source checkout (English and Japanese sample rows); not in installed wheels."""
-    path = Path(__file__).resolve().parents[2] / "data" / "sample"
-    if not path.is_dir():
-        raise FileNotFoundError(f"sample data not found at {path}; it ships with the source repository only")
     return path

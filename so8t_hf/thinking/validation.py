@@ -1,42 +1,65 @@
 """Row validation and normalisation for thinking-SFT data (pure Python, no `datasets`).
 
-What: `normalize_thinking_row` takes one row in any of the three accepted shapes and returns
-the chat messages TRL's SFTTrainer trains on, `[system?, user, assistant, (user, assistant)...]`,
-with every assistant content in the strict thinking format, or the list of every problem found
-as `(field, reason)` pairs (field like `thinking.safety`, `output`, `messages[2].content`).
+What: `normalize_thinking_row` takes one row in any accepted shape and returns the chat messages TRL's
+SFTTrainer trains on, `[system?, user, assistant, (user, assistant)...]`, with the last assistant turn in the
+strict thinking format of the tag set, or the list of every problem found as `(field, reason)` pairs (field
+like `thinking.safety`, `output`, `messages[2].content`, `completion[0].reasoning_content`).
 
 Row shapes (a value of None counts as absent, as Parquet fills missing columns with nulls):
-- (a) structured: `thinking` (a mapping with exactly the tag set's section keys) and `final`,
-  with the prompt as `instruction` (+ optional `input`, `system`) or as `messages` (system?/user
-  turns, ending with a user turn); the answer is rendered with `render_thinking`.
-- (b) instruction/output (the origin project's): `instruction`, optional `input`, optional
-  `system`, and `output` that already holds the tags.
-- (c) chat: `messages` ending with an assistant turn whose content holds the tags.
-The user turn is `instruction`, or `instruction + "\\n\\n" + input` when `input` is non-empty.
+- structured: `thinking` (a mapping with exactly the tag set's section keys) and `final`, with the prompt as
+  `instruction` (+ optional `input`, `system`) or as `messages` (system?/user/assistant turns ending with a user
+  turn); the answer is rendered with `render_thinking`.
+- instruction/output (the origin project's): `instruction`, optional `input`, optional `system`, and `output`.
+- TRL prompt/completion: `prompt` + `completion`, both lists of messages (conversational: the prompt ends with a
+  user turn, the completion starts with the assistant turn) or both strings (plain: the prompt becomes the user
+  turn, the completion the answer).
+- chat: `messages` ending with an assistant turn.
+The user turn of instruction rows is `instruction`, or `instruction + "\\n\\n" + input` when `input` is non-empty.
 Keys other than these are ignored (ids, language, category...).
 
-Limits: roles are `system` (first message only), `user` and `assistant`, alternating from a user
-turn (the Phi-3 template has no other roles). Every assistant turn, earlier ones included, must be
-well formed, because the chat template trains on all of them. Content must be plain strings.
+Answers (`output`, a plain `completion`, and the `content` of assistant messages) may be written as:
+- the tag format: `<think-task>...</think-task>...<final>...</final>` (kept as written, checked strictly);
+- `<think>reasoning</think>answer` (DeepSeek-R1, Qwen3; the opening `<think>` may be absent, as in R1 outputs);
+- plain answer text in `content` with the reasoning beside it in the message's `reasoning_content` (TRL, OpenAI-
+  compatible servers, DeepSeek's API) or `thinking` (gpt-oss, LFM templates) string.
+The last two are mapped onto the tag set: the reasoning (stripped) becomes the section `reasoning_section` (a
+section key, default the first: `task` for the default tags), every other section is rendered empty, and the
+answer becomes the final: `<think-task>reasoning</think-task>\\n<think-safety></think-safety>\\n
+<think-policy></think-policy>\\n<final>answer</final>`. Nothing is split or guessed: reasoning written for one
+free-text block is not safety or policy reasoning, so those sections stay empty rather than hold invented text.
+
+Earlier assistant turns (every assistant turn but the last one of the row): with `drop_earlier_thinking=True`
+(the default) each becomes its final answer text only, stripped, which is what `so8t-hf chat` and the server
+keep in their history (`extract_final` of each reply), so training sees the context inference sees. Such a turn
+may also be plain text (a reply without thinking, as chat histories hold). `thinking_labels` trains no token of
+a turn without tags (it is context, as a user turn is): learning to answer without thinking right after
+`<|assistant|>` is the one thing the model must not learn there. With `drop_earlier_thinking=False` every
+assistant turn must carry thinking and is rendered (and trained) in the tag format.
+
+Limits: roles are `system` (first message only), `user` and `assistant`, alternating from a user turn (the
+Phi-3 template has no other roles). Content must be plain strings (no lists of typed parts).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from so8t_hf.thinking.format import (
     DEFAULT_TAGS,
     ThinkingFormatError,
     ThinkingTags,
     find_thinking_problems,
+    parse_thinking,
     render_thinking,
 )
 
-__all__ = ["ROLES", "normalize_thinking_row", "row_shape"]
+__all__ = ["REASONING_KEYS", "ROLES", "ROW_SHAPES", "normalize_thinking_row", "row_shape"]
 
 ROLES = ("system", "user", "assistant")
+ROW_SHAPES = ("structured", "output", "prompt_completion", "chat")
+REASONING_KEYS = ("reasoning_content", "thinking")  # message-level reasoning beside a plain answer
 Problem = tuple[str, str]  # (field, reason)
 
 _SPECIAL_RE = re.compile(r"<\|[^<>|\s]{1,64}\|>|<\s*/?\s*s\s*>")
@@ -52,11 +75,13 @@ def _present(row: Mapping[str, Any], key: str) -> bool:
 
 
 def row_shape(row: Mapping[str, Any]) -> str | None:
-    """`"structured"`, `"output"`, `"chat"`, or None when the keys match no shape."""
+    """One of `ROW_SHAPES` (`"structured"`, `"output"`, `"prompt_completion"`, `"chat"`), or None."""
     if _present(row, "thinking") or _present(row, "final"):
         return "structured"
     if _present(row, "output"):
         return "output"
+    if _present(row, "prompt") or _present(row, "completion"):
+        return "prompt_completion"
     if _present(row, "messages"):
         return "chat"
     return None
@@ -89,17 +114,87 @@ def _plain(text: str | None, field: str, tags: ThinkingTags, problems: list[Prob
     _no_specials(text, field, problems)
 
 
-def _check_messages(
-    messages: Any, tags: ThinkingTags, problems: list[Problem], *, last_role: str, field: str = "messages"
+class _Options(NamedTuple):
+    tags: ThinkingTags
+    section: str  # the section key that receives free-text reasoning
+    drop: bool  # drop_earlier_thinking
+
+
+def _split_think(text: str, field: str, problems: list[Problem]) -> tuple[str, str] | None:
+    """(reasoning, answer) of `<think>reasoning</think>answer`, the opening tag optional."""
+    opens, closes = text.count("<think>"), text.count("</think>")
+    if not closes:
+        problems.append((field, "'<think>' is never closed: write '<think>reasoning</think>answer'"))
+        return None
+    if opens > 1 or closes > 1:
+        problems.append((field, f"holds {opens} '<think>' and {closes} '</think>': write one "
+                                "'<think>reasoning</think>answer'"))
+        return None
+    head, _, answer = text.partition("</think>")
+    if opens and "<think>" not in head:
+        problems.append((field, "'<think>' comes after '</think>'"))
+        return None
+    before, _, reasoning = head.rpartition("<think>")
+    if before.strip():
+        problems.append((field, f"text before '<think>': {before.strip()[:40]!r}; the reasoning must open the answer"))
+        return None
+    return reasoning, answer
+
+
+_NO_THINKING = ("holds no thinking: write the tag format (<{first}>...</{first}> ... <{final}>...</{final}>), "
+                "'<think>reasoning</think>answer', or the answer with the reasoning in 'reasoning_content'")
+
+
+def _answer(content: Any, reasoning: Any, field: str, reasoning_field: str, opts: _Options,
+            problems: list[Problem], *, earlier: bool) -> str | None:
+    """The assistant content in the tag format, or only its final text for an earlier turn when dropping."""
+    before, tags = len(problems), opts.tags
+    text = _string(content, field, problems)
+    thinking = None if reasoning is None else _string(reasoning, reasoning_field, problems, required=False)
+    if text is None or (reasoning is not None and thinking is None):
+        return None
+    if thinking is not None:  # reasoning beside a plain answer
+        _plain(thinking, reasoning_field, tags, problems)
+        _plain(text, field, tags, problems)
+        final = text
+    elif "</think>" in text or text.lstrip().startswith("<think>"):  # DeepSeek-R1 / Qwen3
+        parts = _split_think(text, field, problems)
+        if parts is None:
+            return None
+        thinking, final = parts
+        _plain(thinking, field, tags, problems)
+        _plain(final, field, tags, problems)
+        if not final.strip():
+            problems.append((field, "no answer after '</think>'"))
+    elif _tag_re(tags).search(text):  # the tag format
+        problems.extend((field, p) for p in find_thinking_problems(text, tags))
+        if len(problems) > before:
+            return None
+        return parse_thinking(text, tags).final if earlier and opts.drop else text
+    elif earlier and opts.drop:  # plain text: a reply as chat histories keep it
+        _no_specials(text, field, problems)
+        return None if len(problems) > before else text.strip()
+    else:
+        problems.append((field, _NO_THINKING.format(first=tags.sections[0], final=tags.final)))
+    if len(problems) > before:
+        return None
+    if earlier and opts.drop:
+        return final.strip()
+    sections = {key: "" for key in tags.keys}
+    sections[opts.section] = thinking
+    return render_thinking(sections, final, tags)
+
+
+def _check_turns(
+    items: list[tuple[str, Any]], opts: _Options, problems: list[Problem], *, last_role: str, field: str
 ) -> list[dict[str, str]]:
-    """Validated `[{"role", "content"}]` (empty system messages dropped); problems appended."""
-    if not isinstance(messages, list) or not messages:
-        problems.append((field, "must be a non-empty list of {'role', 'content'} messages"))
-        return []
+    """Validated `[{"role", "content"}]` of `(where, message)` items (empty system messages dropped). The last
+    assistant turn is the answer when `last_role` is "assistant"; every other assistant turn is earlier."""
+    answer_at = max((i for i, (_, m) in enumerate(items) if isinstance(m, Mapping) and m.get("role") == "assistant"),
+                    default=None) if last_role == "assistant" else None
     out: list[dict[str, str]] = []
     expected = "user"
-    for i, msg in enumerate(messages):
-        where = f"{field}[{i}]"
+    for i, (where, msg) in enumerate(items):
         if not isinstance(msg, Mapping):
             problems.append((where, f"must be a mapping with 'role' and 'content', got {type(msg).__name__}"))
             continue
@@ -107,6 +202,9 @@ def _check_messages(
         if role not in ROLES:
             problems.append((f"{where}.role", f"unknown role {role!r}; use one of {list(ROLES)}"))
             continue
+        given = [k for k in REASONING_KEYS if msg.get(k) is not None]
+        if given and role != "assistant":
+            problems.append((f"{where}.{given[0]}", "only assistant turns carry reasoning"))
         if role == "system":
             if i != 0:
                 problems.append((f"{where}.role", "a system message may only come first"))
@@ -118,20 +216,37 @@ def _check_messages(
         if role != expected:
             problems.append((f"{where}.role", f"expected role '{expected}' here (turns alternate user, assistant)"))
         expected = "assistant" if role == "user" else "user"
-        text = _string(content, f"{where}.content", problems)
-        if text is None:
-            continue
         if role == "user":
+            text = _string(content, f"{where}.content", problems)
             _no_specials(text, f"{where}.content", problems)
         else:
-            problems.extend((f"{where}.content", p) for p in find_thinking_problems(text, tags))
-        out.append({"role": role, "content": text})
+            if len(given) > 1:
+                problems.append((f"{where}.{given[1]}", f"give the reasoning once, in '{given[0]}'"))
+            key = given[0] if given else REASONING_KEYS[0]
+            text = _answer(content, msg.get(key), f"{where}.content", f"{where}.{key}", opts, problems,
+                           earlier=i != answer_at)
+        if text is not None:
+            out.append({"role": role, "content": text})
     turns = [m for m in out if m["role"] != "system"]
     if not turns:
         problems.append((field, "has no user turn"))
     elif turns[-1]["role"] != last_role:
         problems.append((field, f"the last turn must be '{last_role}', got '{turns[-1]['role']}'"))
     return out
+
+
+def _message_list(value: Any, field: str, problems: list[Problem]) -> list[tuple[str, Any]]:
+    if not isinstance(value, list) or not value:
+        problems.append((field, "must be a non-empty list of {'role', 'content'} messages"))
+        return []
+    return [(f"{field}[{i}]", m) for i, m in enumerate(value)]
+
+
+def _check_messages(
+    messages: Any, opts: _Options, problems: list[Problem], *, last_role: str, field: str = "messages"
+) -> list[dict[str, str]]:
+    items = _message_list(messages, field, problems)
+    return _check_turns(items, opts, problems, last_role=last_role, field=field) if items else []
 
 
 def _instruction_prompt(row: Mapping[str, Any], problems: list[Problem]) -> list[dict[str, str]]:
@@ -148,14 +263,14 @@ def _instruction_prompt(row: Mapping[str, Any], problems: list[Problem]) -> list
     ]
 
 
-def _prompt(row: Mapping[str, Any], tags: ThinkingTags, problems: list[Problem]) -> list[dict[str, str]]:
-    """The prompt turns of a structured or instruction/output row."""
+def _prompt(row: Mapping[str, Any], opts: _Options, problems: list[Problem]) -> list[dict[str, str]]:
+    """The prompt turns of a structured row."""
     if _present(row, "messages"):
         if _present(row, "instruction") or _present(row, "input"):
             problems.append(("messages", "give the prompt as 'messages' or as 'instruction'/'input', not both"))
         if _present(row, "system"):
             problems.append(("system", "put the system prompt inside 'messages' when the prompt is 'messages'"))
-        return _check_messages(row["messages"], tags, problems, last_role="user")
+        return _check_messages(row["messages"], opts, problems, last_role="user")
     return _instruction_prompt(row, problems)
 
 
@@ -186,13 +301,61 @@ def _structured_answer(row: Mapping[str, Any], tags: ThinkingTags, problems: lis
         return None
 
 
+def _prompt_completion(row: Mapping[str, Any], opts: _Options, problems: list[Problem]) -> list[dict[str, str]]:
+    """TRL's prompt/completion row: both strings (plain) or both message lists (conversational)."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    for key, value in (("prompt", prompt), ("completion", completion)):
+        if value is None:
+            problems.append((key, "missing (TRL's prompt/completion rows need both)"))
+    if prompt is None or completion is None:
+        return []
+    if isinstance(prompt, str) and isinstance(completion, str):
+        user = _string(prompt, "prompt", problems)
+        _no_specials(user, "prompt", problems)
+        answer = _answer(completion, None, "completion", "completion", opts, problems, earlier=False)
+        return [{"role": "user", "content": user or ""}, {"role": "assistant", "content": answer or ""}]
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        problems.append(("completion", "'prompt' and 'completion' must both be strings (plain) or both lists of "
+                                       f"messages (conversational); got {type(prompt).__name__} and "
+                                       f"{type(completion).__name__}"))
+        return []
+    head, tail = _message_list(prompt, "prompt", problems), _message_list(completion, "completion", problems)
+    if not head or not tail:
+        return []
+    last = prompt[-1].get("role") if isinstance(prompt[-1], Mapping) else None
+    if last != "user":
+        problems.append(("prompt", f"the last turn of the prompt must be 'user', got {last!r}"))
+    return _check_turns(head + tail, opts, problems, last_role="assistant", field="completion")
+
+
+_OTHER_SHAPES = {  # keys that belong to another shape: (keys, message)
+    "structured": (("output", "prompt", "completion"), "give either '{key}' or 'thinking' + 'final', not both"),
+    "output": (("messages", "prompt", "completion"), "give either '{key}' or 'instruction' + 'output', not both"),
+    "prompt_completion": (("messages", "instruction", "input", "system"),
+                          "a prompt/completion row holds its turns in 'prompt' and 'completion' only"),
+    "chat": (("instruction", "input", "system"), "a chat row holds its turns in 'messages' only"),
+}
+
+
 def normalize_thinking_row(
-    row: Any, tags: ThinkingTags = DEFAULT_TAGS, system_prompt: str | None = None
+    row: Any,
+    tags: ThinkingTags = DEFAULT_TAGS,
+    system_prompt: str | None = None,
+    *,
+    reasoning_section: str | None = None,
+    drop_earlier_thinking: bool = True,
 ) -> tuple[list[dict[str, str]] | None, list[Problem]]:
     """`(messages, [])` for a good row, `(None, problems)` for a bad one (every problem found).
 
-    `system_prompt` is added as the first message of rows that have no system message.
+    `system_prompt` is added as the first message of rows that have no system message. `reasoning_section`: the
+    section key that receives free-text reasoning (`reasoning_content`, `<think>`); default the first section.
+    `drop_earlier_thinking`: earlier assistant turns keep only their final text (see the module docstring).
     """
+    section = tags.keys[0] if reasoning_section is None else reasoning_section
+    if section not in tags.keys:
+        raise ValueError(f"reasoning_section={section!r} is not a section of this tag set; choose one of "
+                         f"{list(tags.keys)}")
+    opts = _Options(tags, section, drop_earlier_thinking)
     if not isinstance(row, Mapping):
         return None, [("", f"a row must be a JSON object, got {type(row).__name__}")]
     problems: list[Problem] = []
@@ -200,26 +363,21 @@ def normalize_thinking_row(
     if shape is None:
         keys = sorted(k for k in row if row[k] is not None)
         return None, [("", "unknown row shape: give 'thinking' + 'final' (structured), 'instruction' + 'output', "
-                           f"or 'messages' (chat); the row has keys {keys}")]
+                           f"'prompt' + 'completion' (TRL), or 'messages' (chat); the row has keys {keys}")]
+    others, message = _OTHER_SHAPES[shape]
+    problems += [(key, message.format(key=key)) for key in others if _present(row, key)]
     if shape == "structured":
-        if _present(row, "output"):
-            problems.append(("output", "give either 'output' or 'thinking' + 'final', not both"))
-        prompt = _prompt(row, tags, problems)
+        prompt = _prompt(row, opts, problems)
         answer = _structured_answer(row, tags, problems)
         messages = prompt + [{"role": "assistant", "content": answer or ""}]
     elif shape == "output":
-        if _present(row, "messages"):
-            problems.append(("messages", "give either 'messages' or 'instruction' + 'output', not both"))
         prompt = _instruction_prompt(row, problems)
-        output = _string(row.get("output"), "output", problems)
-        if output is not None:
-            problems.extend(("output", p) for p in find_thinking_problems(output, tags))
+        output = _answer(row.get("output"), None, "output", "output", opts, problems, earlier=False)
         messages = prompt + [{"role": "assistant", "content": output or ""}]
+    elif shape == "prompt_completion":
+        messages = _prompt_completion(row, opts, problems)
     else:
-        for key in ("instruction", "input", "system"):
-            if _present(row, key):
-                problems.append((key, "a chat row holds its turns in 'messages' only"))
-        messages = _check_messages(row["messages"], tags, problems, last_role="assistant")
+        messages = _check_messages(row["messages"], opts, problems, last_role="assistant")
     if problems:
         return None, list(dict.fromkeys(problems))
     if system_prompt and messages[0]["role"] != "system":

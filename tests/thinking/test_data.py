@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from so8t_hf.thinking import (
     DEFAULT_TAGS,
+    extract_final,
     find_thinking_problems,
     get_tag_preset,
     render_thinking,
@@ -78,9 +79,9 @@ SHAPES = [
      [USER, {"role": "assistant", "content": ANSWER}]),
     # (b) origin project: instruction / empty input / output with the tags
     ({"instruction": "What is 2 + 2?", "input": "", "output": TAGGED}, [USER, ASSISTANT]),
-    # (c) chat, multi-turn, empty system message dropped
+    # (c) chat, multi-turn, empty system message dropped, the earlier turn's thinking dropped (as chat keeps history)
     ({"messages": [{"role": "system", "content": ""}, USER, ASSISTANT, USER, ASSISTANT]},
-     [USER, ASSISTANT, USER, ASSISTANT]),
+     [USER, {"role": "assistant", "content": "4"}, USER, ASSISTANT]),
 ]
 
 
@@ -125,10 +126,15 @@ def test_sample_data_has_every_shape_and_is_valid():
         shapes = [row_shape(r) for r in raw]
         assert len(raw) == 40 and {s: shapes.count(s) for s in set(shapes)} == {"structured": 13, "output": 13,
                                                                                  "chat": 14}
-    ds = load_thinking_dataset(sample_data_dir())
-    assert len(ds) == 80
-    answers = [m["content"] for ms in ds["messages"] for m in ms if m["role"] == "assistant"]
+    kept = load_thinking_dataset(sample_data_dir(), drop_earlier_thinking=False)
+    answers = [m["content"] for ms in kept["messages"] for m in ms if m["role"] == "assistant"]
     assert len(answers) == 84 and all(find_thinking_problems(a) == [] for a in answers)
+    ds = load_thinking_dataset(sample_data_dir())  # earlier turns: their final text, as chat keeps history
+    assert len(ds) == 80
+    earlier = [(m["content"], k["content"]) for ms, ks in zip(ds["messages"], kept["messages"])
+               for m, k in zip(ms[:-1], ks[:-1]) if m["role"] == "assistant"]
+    assert len(earlier) == 4 and all(m == extract_final(k) and "<" not in m for m, k in earlier)
+    assert [ms[-1] for ms in ds["messages"]] == [ks[-1] for ks in kept["messages"]]
     refusals = [a for a in answers if any(w in a for w in ("I can't", "I won't", "できません"))]
     assert len(refusals) >= 8
     ja = [ms[-1]["content"] for ms, src in zip(ds["messages"], ds["source"]) if "thinking_ja" in src]
@@ -160,7 +166,8 @@ BAD_ROWS = [
       "<think-policy>p</think-policy>\n<final>4</final>"}, "output", "out-of-order <think-task>"),
     ({"instruction": "Q", "output": TAGGED.replace("Harmless.", "<think-task>x</think-task>")}, "output",
      "nested tag <think-task> inside <think-safety>"),
-    ({"instruction": "Q", "output": "4"}, "output", "text outside tags: '4'"),
+    ({"instruction": "Q", "output": "4"}, "output", "holds no thinking: write the tag format"),
+    ({"instruction": "Q", "output": "4 <final>4</final>"}, "output", "text outside tags: '4'"),
     ({"instruction": "Q<|end|>", "output": TAGGED}, "instruction", "contains the special token '<|end|>'"),
     ({"messages": [USER]}, "messages", "the last turn must be 'assistant', got 'user'"),
     ({"messages": []}, "messages", "must be a non-empty list"),
@@ -191,8 +198,9 @@ def test_each_validation_error_names_file_line_and_field(tmp_path, row, field, r
 @pytest.mark.parametrize("line, reason", [
     ('{"instruction": "Q", ', "invalid JSON: Expecting property name enclosed in double quotes (column 22)"),
     ('["not", "a", "row"]', "a row must be a JSON object, got list"),
-    ('{"prompt": "Q", "answer": "A"}', "unknown row shape: give 'thinking' + 'final' (structured), "
-     "'instruction' + 'output', or 'messages' (chat); the row has keys ['answer', 'prompt']"),
+    ('{"question": "Q", "answer": "A"}', "unknown row shape: give 'thinking' + 'final' (structured), "
+     "'instruction' + 'output', 'prompt' + 'completion' (TRL), or 'messages' (chat); the row has keys "
+     "['answer', 'question']"),
 ])
 def test_row_level_errors_have_no_field(tmp_path, line, reason):
     path = write_jsonl(tmp_path / "x.jsonl", [line])
@@ -226,8 +234,10 @@ def test_skip_mode_logs_count_and_writes_report(tmp_path, caplog):
     assert [(r.name, r.getMessage()) for r in caplog.records] == [
         ("so8t_hf.thinking.data", f"skipped 3 of 7 rows with problems (3 problems); report: {report}")]
     assert json.loads(report.read_text()) == {
-        "files": [str(path)], "on_bad_rows": "skip", "total_rows": 7, "bad_rows": 3, "skipped_rows": 3,
-        "kept_rows": 4, "problems": [
+        "files": [str(path)], "skipped_files": [], "files_without_rows": [], "on_bad_rows": "skip",
+        "total_rows": 7, "bad_rows": 3, "skipped_rows": 3, "kept_rows": 4,
+        "kept_shapes": {"chat": 1, "output": 1, "structured": 2}, "drop_earlier_thinking": True,
+        "reasoning_section": "task", "problems": [
             {"file": str(path), "line": 2, "row": 1, "field": "thinking.safety", "reason": "missing"},
             {"file": str(path), "line": 5, "row": 3, "field": "",
              "reason": "invalid JSON: Expecting property name enclosed in double quotes (column 2)"},
@@ -337,7 +347,7 @@ def _final_spans(text: str) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("mode", ["assistant", "final_only", "all"])
 def test_label_masks_exact_on_sample_data(tiny_tok, mode):
-    ds = load_thinking_dataset(sample_data_dir())
+    ds = load_thinking_dataset(sample_data_dir(), drop_earlier_thinking=False)  # every turn has thinking
     for messages in ds["messages"]:
         out = tiny_tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
         ids, mask = out["input_ids"], out["assistant_masks"]
@@ -362,7 +372,7 @@ def test_trl_prepares_the_dataset_with_assistant_only_loss(tmp_path, tiny_tok):
     from tiny_models import tiny_so8t
     from trl import SFTConfig, SFTTrainer
 
-    ds = load_thinking_dataset(sample_data_dir()).select(range(0, 80, 10))
+    ds = load_thinking_dataset(sample_data_dir(), drop_earlier_thinking=False).select(range(0, 80, 10))
     model = tiny_so8t(vocab_size=len(tiny_tok), pad_token_id=tiny_tok.pad_token_id, bos_token_id=1,
                       eos_token_id=tiny_tok.eos_token_id, max_position_embeddings=1024)
     args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=1024, report_to="none",
@@ -378,7 +388,7 @@ def test_trl_prepares_the_dataset_with_assistant_only_loss(tmp_path, tiny_tok):
 
 
 def test_tags_tokenise_as_single_ids_with_phi35(phi35):
-    ds = load_thinking_dataset(sample_data_dir())
+    ds = load_thinking_dataset(sample_data_dir(), drop_earlier_thinking=False)
     tag_ids = {t: phi35.convert_tokens_to_ids(t) for t in DEFAULT_TAGS.tokens}
     assert sorted(tag_ids.values()) == list(range(32011, 32019))
     for messages in ds["messages"]:

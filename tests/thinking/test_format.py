@@ -398,7 +398,7 @@ PACKED = ("<|system|> s <|end|> <|user|> q <|end|> <|assistant|> <think-task> t 
           "<|end|> <|endoftext|> <|user|> q <|end|> <|assistant|> <think-task> t <final> a "
           "<|user|> q <|end|> <|assistant|> <final> x y </final> <|end|> <|user|> q <|end|> <|assistant|> t")
 EXPECTED = {
-    "assistant": "0 0 0 0 0 0 0 1 1 1 1 1 1 1 0 0 0 0 0 1 1 1 1 0 0 0 0 1 1 1 1 1 0 0 0 0 1",
+    "assistant": "0 0 0 0 0 0 0 1 1 1 1 1 1 1 0 0 0 0 0 1 1 1 1 0 0 0 0 1 1 1 1 1 0 0 0 0 0",  # last: no tag, context
     "final_only": "0 0 0 0 0 0 0 0 0 0 1 1 1 1 0 0 0 0 0 0 0 1 1 0 0 0 0 1 1 1 1 1 0 0 0 0 0",
     "all": " ".join(["1"] * 37),
 }
