@@ -145,7 +145,10 @@ def _body(title: str, summary: dict, model_ref: str, adapter_ref: str | None, ba
         "transformers refuses to build the pipeline. With so8t_hf installed, "
         "`so8t_hf.thinking.extract_final(text)` does the same on any decoded text.",
     ]
-    if s["adapter"]:
+    if s["adapter"] and base_ref == "tiny":
+        parts += ["## The adapter", where["adapter"] + " Its base is the tiny demo's random model, which is not "
+                  "saved anywhere: use the full model above."]
+    elif s["adapter"]:
         parts += ["## The adapter", where["adapter"], s["adapter"], STOCK_WARNING]
     parts += [
         "## A plain Phi-3",

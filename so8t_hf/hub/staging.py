@@ -23,6 +23,7 @@ from pathlib import Path
 
 from so8t_hf.hub.cards import SUMMARY_FILE, adapter_card, is_hub_id, root_card
 from so8t_hf.hub.checkpoint import complete_checkpoint
+from so8t_hf.thinking.format import ThinkingTags
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ def stage_output_dir(output_dir: str | Path, staging_dir: str | Path, repo_id: s
 
     shutil.copytree(final, staging_dir, dirs_exist_ok=True)
     tags = summary["tags"]
-    from so8t_hf.thinking.format import ThinkingTags
-
     complete_checkpoint(staging_dir, ThinkingTags(tuple(tags["sections"]), tags["final"]))
     for name in REPORT_FILES:
         if (output_dir / name).is_file():

@@ -1,6 +1,6 @@
 """The checks of a staged so8t_hf Hub repo, as a script for a process that cannot import so8t_hf (stock
-transformers + PEFT). Arguments: staged repo, base folder, expected (ids, logits) file, repo id, base id. Prints
-`RESULT` + a JSON dict of what it saw; the tests assert on it."""
+transformers + PEFT). Arguments: staged repo, base folder, expected (ids, logits) file, a JSON file of snippets
+(name -> code) to run. Prints `RESULT` + a JSON dict of what it saw; the tests assert on it."""
 
 CHECKS = r'''
 import json, re, shutil, sys, warnings
@@ -11,7 +11,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           LogitsProcessorList, Phi3ForCausalLM, pipeline)
 from peft import AutoPeftModelForCausalLM, PeftModel
 
-stage, base, expected, repo_id, base_id = sys.argv[1:6]
+stage, base, expected, snippets = sys.argv[1:5]
 ids, ref = torch.load(expected)
 result = {}
 
@@ -23,16 +23,14 @@ root = AutoModelForCausalLM.from_pretrained(stage, trust_remote_code=True).eval(
 result["root_class"] = f"{type(root).__module__}.{type(root).__name__}"
 result["root"] = diff(root)
 
-# the cards' python blocks, as written (ids of the repo and the base replaced by the local folders)
-for card in ("README.md", "adapter/README.md"):
-    blocks = re.findall(r"```python\n(.*?)```", open(f"{stage}/{card}").read(), re.S)
-    for i, block in enumerate(blocks):
-        ns = {}
-        exec(block.replace(repo_id, stage).replace(base_id, base), ns)
-        if "model" in ns:
-            result[f"{card}#{i}"] = diff(ns["model"].eval())
-        if "answer" in ns:
-            result[f"{card}#{i}:answer_type"] = type(ns["answer"]).__name__
+# the snippets of the cards and of the README, as written (the repo and base ids replaced by local folders)
+for name, code in json.load(open(snippets)).items():
+    ns = {}
+    exec(code, ns)
+    if "model" in ns:
+        result[name] = diff(ns["model"].eval())
+    if "answer" in ns:
+        result[name + ":answer_type"] = type(ns["answer"]).__name__
 
 # stock PEFT / transformers routes on a stock Phi-3: they must not give a different model silently
 shutil.copytree(f"{stage}/adapter", "adapter_local")

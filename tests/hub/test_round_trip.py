@@ -15,6 +15,7 @@ def test_the_staged_repo_loads_anywhere_and_never_gives_a_different_model_silent
     assert r["README.md#0"] <= 1e-4  # the card's full-model snippet
     assert r["README.md#1:answer_type"] == "str"  # the card's pipeline snippet runs
     assert r["README.md#2"] <= 1e-5 and r["adapter/README.md#0"] <= 1e-5  # the adapter snippet: the trained model
+    assert r["repo README#0"] <= 1e-4 and r["repo README#1"] <= 1e-5  # the README's Hub section, both routes
     for route in ("PeftModel(stock Phi3ForCausalLM)", "AutoPeftModelForCausalLM", "AutoModelForCausalLM(adapter)"):
         assert r[route]["diff"] > 1e-2, route  # a stock Phi-3 cannot hold the rotations ...
         warning = r[route]["warning"]  # ... and says so, naming SO8T and the fix
