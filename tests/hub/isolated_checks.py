@@ -87,6 +87,9 @@ result["pipeline_text"] = chat("2+2?", return_full_text=False)[0]["generated_tex
 result["pipeline_raw"] = chat("2+2?", return_raw_text=True)[0]["raw_generated_text"]
 answer_ids = tok.encode("<think-task>no final at all</think-task>", add_special_tokens=False)
 result["pipeline_no_final"] = chat([{"role": "user", "content": "2+2?"}])[0]["generated_text"][-1]["content"]
+stock = pipeline("text-generation", model=root, tokenizer=tok)  # a model object: transformers' own pipeline
+stock.model.generate = fake_generate
+result["stock_pipeline"] = [type(stock).__name__, stock([{"role": "user", "content": "2+2?"}])[0]["generated_text"][-1]["content"]]
 try:
     pipeline("text-generation", model=stage)
     result["pipeline_without_trust"] = "loaded"

@@ -34,6 +34,8 @@ def test_generation_stops_at_end_and_decoding_shows_the_tags(hub_checks):
     assert r["pipeline_text"] == "Four." and "SECRET plan" in r["pipeline_raw"]
     assert r["pipeline_no_final"] == ""  # never the thinking
     assert "trust_remote_code=True" in r["pipeline_without_trust"]
+    # transformers' own pipeline (given a model object) shows the thinking marked by its tags, never bare
+    assert r["stock_pipeline"] == ["TextGenerationPipeline", "<think-task>no final at all</think-task>"]
 
 
 def test_cards_parse_with_the_hub_fields(hub_run, hub_checks):
