@@ -5,8 +5,9 @@ Japanese included, encodes without `<unk>`), trained on the message contents of 
 sample data (`data/sample/*.jsonl`, English and Japanese) with the thinking tags removed. It has
 Phi-3's special tokens with Phi-3.5's flags (`<|system|>`, `<|user|>`, `<|assistant|>` and
 `<|end|>` absorb the whitespace after them, so the chat template tokenises as on Phi-3.5), EOS and
-padding `<|endoftext|>`, and the default preset's thinking tags as single special tokens. The
-tokenizer config carries the thinking chat template, inline (not as a .jinja file).
+padding `<|endoftext|>`, and the default preset's thinking tags as single NON-special added tokens (as
+`add_thinking_tokens` adds them: `decode(skip_special_tokens=True)` keeps them). The tokenizer config carries
+the thinking chat template, inline (not as a .jinja file).
 
 Ids: 0 `<unk>`, 1 `<s>`, 2 `</s>`, 3 `<|endoftext|>`, 4 `<|system|>`, 5 `<|user|>`,
 6 `<|assistant|>`, 7 `<|end|>`, 8.. the tags, then the 256 byte symbols and the merges.
@@ -61,14 +62,16 @@ def build_tokenizer(data: str | Path = REPO / "data" / "sample", vocab_size: int
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(corpus(data), trainer=trainer)
+    backend.train_from_iterator(corpus(data), trainer=trainer)  # the trainer pins the ids 0..15, all special
+    state = json.loads(backend.to_str())
+    for entry in state["added_tokens"]:
+        entry["special"] = entry["content"] not in DEFAULT_TAGS.tokens  # the tags: plain added tokens
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=Tokenizer.from_str(json.dumps(state)),
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens=list(DEFAULT_TAGS.tokens),
         model_max_length=MODEL_MAX_LENGTH,
         clean_up_tokenization_spaces=False,
     )
@@ -86,10 +89,7 @@ def save(tokenizer: PreTrainedTokenizerFast, output: str | Path) -> list[Path]:
     config["tokenizer_class"] = "PreTrainedTokenizerFast"  # loads on transformers 4.x and 5.x alike
     config["add_bos_token"] = config["add_eos_token"] = False
     config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    token_map = {
-        "bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>",
-        "additional_special_tokens": list(DEFAULT_TAGS.tokens),
-    }
+    token_map = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>"}
     (output / "special_tokens_map.json").write_text(json.dumps(token_map, indent=2) + "\n", encoding="utf-8")
     return sorted(output.iterdir())
 

@@ -1,4 +1,4 @@
-"""`so8t-hf` command line: `env`, `train`, `chat`, `serve`, `export` (`so8t-hf COMMAND --help`)."""
+"""`so8t-hf` command line: `env`, `train`, `chat`, `serve`, `export`, `push` (`so8t-hf COMMAND --help`)."""
 
 from so8t_hf.cli.main import main
 

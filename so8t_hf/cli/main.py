@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from so8t_hf.cli import chat, env, export, train
+from so8t_hf.cli import chat, env, export, push, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from so8t_hf.serve.cli import add_serve_subparser
 
-    for add in (env.add_subparser, train.add_subparser, chat.add_subparser, add_serve_subparser, export.add_subparser):
+    for add in (env.add_subparser, train.add_subparser, chat.add_subparser, add_serve_subparser, export.add_subparser,
+                push.add_subparser):
         add(sub)
     return parser
 

@@ -1,5 +1,5 @@
 """The thinking-SFT job: its configs and parser (`config`), the pipeline from data to saved model
-(`pipeline`), run reports and the model card (`reporting`), and the Hub upload (`hub`)."""
+(`pipeline`) and the run reports (`reporting`); publishing is `so8t_hf.hub`."""
 
 from so8t_hf.sft.config import SO8TModelConfig, ThinkingDataConfig, make_parser
 from so8t_hf.sft.pipeline import run_thinking_sft

@@ -1,8 +1,11 @@
 """Thinking SFT end to end, as the recipe runs it: tokenizer, model, data, SO8TTrainer, evaluation, outputs.
 
-Output directory: `adapter/` (LoRA + SO(8) params + tokenizer), `final/` (a full SO8T-Phi3 with its
-remote-code files, tokenizer and chat template), `README.md` (model card with the metrics),
-`training_log.json`, `loss_curve.png`, `data_report.json`.
+Output directory: `adapter/` (LoRA + SO(8) params + tag-token rows + tokenizer), `final/` (a full SO8T-Phi3 with
+its remote-code files, tokenizer and chat template, a generation config that stops at `<|end|>` and the final-only
+pipeline: `so8t_hf.hub.checkpoint`), `README.md` (model card with the metrics), `run_summary.json`,
+`training_log.json`, `loss_curve.png`, `data_report.json`. `--push_to_hub` publishes it once at the end
+(`so8t_hf.hub.push_output_dir`, as `so8t-hf push`), private unless `hub_private_repo` is false; the Trainer's own
+Hub calls (a repo created at start-up, public unless `hub_private_repo`, and a push per checkpoint) are off.
 """
 
 from __future__ import annotations
@@ -130,21 +133,37 @@ def packing_length(*datasets) -> int:
 
 
 def lora_config(args: SO8TModelConfig, new_token_ids: list[int]):
+    """LoRA on the Phi-3 linear layers; the tag tokens this run added train as those rows only of `embed_tokens`
+    and `lm_head` (PEFT's `trainable_token_indices`), unless the whole module is in `lora_modules_to_save`."""
     from so8t_hf.training.peft_setup import default_lora_config
 
     config = default_lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules,
                                  use_rslora=args.use_rslora, use_dora=args.use_dora)
     modules = list(args.lora_modules_to_save or [])
-    if new_token_ids and "lm_head" not in modules:
-        modules.append("lm_head")  # new tag tokens must be learnt on the output side too (the fused LM head reads it)
-        config.trainable_token_indices = {"embed_tokens": list(new_token_ids)}
     config.modules_to_save = modules or None
+    rows = {name: list(new_token_ids) for name in ("embed_tokens", "lm_head") if name not in modules}
+    if new_token_ids and rows:
+        config.trainable_token_indices = rows  # both sides: the input rows and the output rows of the new tags
     return config
+
+
+def take_over_hub_push(training_args: SO8TConfig) -> bool:
+    """Whether to push at the end; turns the Trainer's own Hub calls off (they would create the repo at start-up,
+    public unless `hub_private_repo`, and push every checkpoint)."""
+    if not training_args.push_to_hub:
+        return False
+    if not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/so8t-phi35-thinking)")
+    training_args.push_to_hub = False
+    logger.info("push_to_hub: %s is published once after training (%s); the Trainer's own Hub calls are off",
+                training_args.hub_model_id, "public" if training_args.hub_private_repo is False else "private")
+    return True
 
 
 def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig, training_args: SO8TConfig) -> dict:
     """Train, evaluate and save; returns the final metrics."""
     check_recipe_args(model_args, data_args, training_args)
+    push = take_over_hub_push(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -173,17 +192,22 @@ def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig,
         metrics.update({f"eval_{k}": v for k, v in thinking_generation_metrics(
             trainer.model, tokenizer, eval_rows, tags, data_args.eval_max_new_tokens).items()})
     if trainer.is_world_process_zero():
-        save_outputs(trainer, tokenizer, model_args, output_dir)
-        write_run_reports(output_dir, trainer.state.log_history, metrics, model_args, data_args, training_args)
-    if training_args.push_to_hub and trainer.is_world_process_zero():
-        from so8t_hf.sft.hub import push_output_dir
+        save_outputs(trainer, tokenizer, model_args, output_dir, tags)
+        write_run_reports(output_dir, trainer.state.log_history, metrics, model_args, data_args, training_args,
+                          tags, token_summary)
+    if push and trainer.is_world_process_zero():
+        from so8t_hf.hub import push_output_dir
 
-        push_output_dir(output_dir, training_args.hub_model_id, token=training_args.hub_token)
+        push_output_dir(output_dir, training_args.hub_model_id, token=training_args.hub_token,
+                        private=training_args.hub_private_repo is not False)
     return metrics
 
 
-def save_outputs(trainer, tokenizer, model_args: SO8TModelConfig, output_dir: Path) -> None:
-    """`adapter/` (or the full model without LoRA) and `final/`: a merged SO8T-Phi3 with its remote code."""
+def save_outputs(trainer, tokenizer, model_args: SO8TModelConfig, output_dir: Path, tags=None) -> None:
+    """`adapter/` (or the full model without LoRA) and `final/`: a merged SO8T-Phi3 with its remote code, completed
+    for release (`complete_checkpoint`: stop tokens, plain tags, final-only pipeline)."""
+    from so8t_hf.hub.checkpoint import complete_checkpoint
+
     model = trainer.model
     if model_args.use_peft:
         model.save_pretrained(output_dir / "adapter")
@@ -196,3 +220,4 @@ def save_outputs(trainer, tokenizer, model_args: SO8TModelConfig, output_dir: Pa
         model = model.merge_and_unload()
     model.save_pretrained(output_dir / "final")
     tokenizer.save_pretrained(output_dir / "final")
+    complete_checkpoint(output_dir / "final", tags)

@@ -1,11 +1,13 @@
-"""Run reports written beside the model: `training_log.json`, `loss_curve.png`, and the model card `README.md`."""
+"""Run reports written beside the model: `training_log.json`, `loss_curve.png`, `run_summary.json` (what the
+model cards are made from: base, data, tags, metrics, every setting) and the local model card `README.md`.
+`so8t-hf push` renders the Hub cards from the same summary (`so8t_hf.hub.cards`)."""
 
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import asdict
 from pathlib import Path
-
 
 def write_training_log(output_dir: Path, log_history: list[dict]) -> Path:
     path = output_dir / "training_log.json"
@@ -38,49 +40,48 @@ def plot_loss_curve(output_dir: Path, log_history: list[dict]) -> Path | None:
     return path
 
 
-def model_card(metrics: dict, model_args, data_args, training_args) -> str:
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items()))
-    base = model_args.model_name_or_path
-    return f"""---
-library_name: transformers
-tags: [so8t, phi3, thinking, lora, trl]
-base_model: {base if base != "tiny" else "none (tiny random SO8T-Phi3)"}
----
+def run_summary(metrics: dict, model_args, data_args, training_args, tags, token_summary: dict | None = None) -> dict:
+    """Everything the model cards state, JSON-ready (tokens in the training arguments are masked by
+    `TrainingArguments.to_json_string`)."""
+    import peft
+    import torch
+    import transformers
 
-# SO8T-Phi3 thinking model
+    import so8t_hf
 
-Fine-tuned with `so8t_hf` (SO(8) attention rotations + thinking SFT). Answers carry `<think-*>` sections and a
-`<final>` answer; only the `<final>` part is meant for end users (`so8t_hf.thinking.extract_final`).
-
-- `final/`: the full SO8T-Phi3 model; load with
-  `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (remote code in the folder).
-- `adapter/`: the LoRA adapter with the trained SO(8) rotations (`PeftModel.from_pretrained`).
-- `so8t-hf export --model final --output plain` merges the rotations into a plain `Phi3ForCausalLM`.
-
-## Training
-
-base `{base}`, data `{", ".join(data_args.dataset_path)}`, loss mask `{data_args.loss_mask}`, max steps
-{training_args.max_steps}, learning rate {training_args.learning_rate}, LoRA {model_args.use_lora} (r={model_args.lora_r}),
-SO(8) layers `{model_args.so8t_layers}`.
-
-## Metrics
-
-| metric | value |
-| --- | --- |
-{rows}
-
-Training log: `training_log.json`; loss curve: `loss_curve.png`.
-
-<details><summary>Full configuration</summary>
-
-```json
-{json.dumps({"model": asdict(model_args), "data": asdict(data_args)}, indent=2)}
-```
-</details>
-"""
+    return {
+        "base_model": model_args.model_name_or_path,
+        "base_model_revision": model_args.model_revision,
+        "use_peft": model_args.use_peft,
+        "tags": {"preset": data_args.tag_preset, "sections": list(tags.sections), "final": tags.final},
+        "new_token_ids": list((token_summary or {}).get("new_ids", [])),
+        "datasets": list(data_args.dataset_path),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+        "config": {
+            "model": asdict(model_args),
+            "data": asdict(data_args),
+            "training": json.loads(training_args.to_json_string()),
+        },
+        "versions": {"so8t_hf": so8t_hf.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
 
 
-def write_run_reports(output_dir: Path, log_history, metrics, model_args, data_args, training_args) -> None:
+def write_run_reports(output_dir: Path, log_history, metrics, model_args, data_args, training_args, tags=None,
+                      token_summary: dict | None = None) -> None:
+    from so8t_hf.hub.cards import SUMMARY_FILE, adapter_card, local_card
+    from so8t_hf.hub.staging import adapter_contents
+    from so8t_hf.thinking.format import get_tag_preset
+
+    tags = tags or get_tag_preset(data_args.tag_preset)
     write_training_log(output_dir, log_history)
     plot_loss_curve(output_dir, log_history)
-    (output_dir / "README.md").write_text(model_card(metrics, model_args, data_args, training_args))
+    summary = run_summary(metrics, model_args, data_args, training_args, tags, token_summary)
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    local_card(output_dir, summary).save(output_dir / "README.md")
+    adapter = output_dir / "adapter"
+    if (adapter / "adapter_model.safetensors").is_file():  # replaces PEFT's empty template card
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        refs = (str(output_dir / "final"), str(output_dir))
+        adapter_card(summary, output_dir.name, adapter_contents(adapter / "adapter_model.safetensors"), config,
+                     base_model=None, license=None, refs=refs).save(adapter / "README.md")

@@ -7,8 +7,10 @@ What:
   `{% generation %}` around each assistant content + `<|end|>`, so that
   `return_assistant_tokens_mask=True` and TRL's `assistant_only_loss=True` train exactly the
   answer and the token that ends the turn.
-- `add_thinking_tokens`: the tags as special tokens (one id each), in the model's spare
-  embedding rows when there are any (Phi-3.5: 32,064 rows for 32,011 tokens), else by resizing.
+- `add_thinking_tokens`: the tags as added, NON-special tokens (one id each, `normalized=False`), in the
+  model's spare embedding rows when there are any (Phi-3.5: 32,064 rows for 32,011 tokens), else by
+  resizing. Non-special, so `decode(..., skip_special_tokens=True)` (what `pipeline("text-generation")`
+  does) keeps them: the thinking stays marked as thinking instead of running into the answer.
 - `thinking_labels`: labels for the loss modes `assistant`, `final_only` and `all`, computed from
   token ids alone (role and tag ids), so they hold for packed sequences too. An assistant turn without
   any tag (earlier turns whose thinking was dropped) is context in `assistant` and `final_only` mode.
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+import json
 
 import torch
 from transformers import AddedToken
@@ -91,22 +95,44 @@ def _init_rows_to_mean(model: Any, ids: list[int], n_trained: int) -> None:
 
 
 def add_thinking_tokens(tokenizer: Any, model: Any = None, tags: ThinkingTags = DEFAULT_TAGS) -> dict[str, Any]:
-    """Add `tags.tokens` to the tokenizer as extra special tokens (one id each); with `model`, also
+    """Add `tags.tokens` to the tokenizer as non-special added tokens (one id each); with `model`, also
     `make_room_for_tokens` for the ones this call added. Calling it again adds and changes nothing.
 
-    Returns `{"token_ids": {tag: id}, "new_ids": [...], "resized": bool, "num_embeddings": int | None}`.
+    Tags that a tokenizer already holds as *special* tokens (tokenizers saved by so8t_hf 0.1) are turned into
+    non-special ones, keeping their ids. Returns `{"token_ids": {tag: id}, "new_ids": [...], "old_len": int,
+    "resized": bool, "num_embeddings": int | None}`.
     """
     old_len = len(tokenizer)
-    tokenizer.add_special_tokens(
-        {"extra_special_tokens": [AddedToken(t, normalized=False, special=True) for t in tags.tokens]},
-        replace_extra_special_tokens=False,
-    )
+    _unspecial(tokenizer, tags.tokens)
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in tags.tokens])
     token_ids = {t: _single_id(tokenizer, t) for t in tags.tokens}
     new_ids = sorted(i for i in token_ids.values() if i >= old_len)
     summary = {"token_ids": token_ids, "new_ids": new_ids, "old_len": old_len, "resized": False, "num_embeddings": None}
     if model is not None:
         summary.update(make_room_for_tokens(model, tokenizer, new_ids, old_len))
     return summary
+
+
+def _unspecial(tokenizer: Any, tokens: Sequence[str]) -> None:
+    """Turn those of `tokens` that `tokenizer` holds as special tokens into plain added tokens (same ids)."""
+    special = [t for t in tokens if t in set(tokenizer.all_special_tokens)]
+    if not special:
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"the tokenizer holds the thinking tags {special} as special tokens, and only a fast "
+                         "(tokenizers) tokenizer can be changed in place: load it with use_fast=True.")
+    from tokenizers import Tokenizer
+
+    extra = getattr(tokenizer, "extra_special_tokens", None)
+    if isinstance(extra, (list, tuple)):
+        tokenizer.extra_special_tokens = [t for t in extra if str(t) not in special]
+    state = json.loads(backend.to_str())
+    for entry in state["added_tokens"]:
+        if entry["content"] in special:
+            entry["special"] = False
+    # the Rust tokenizer keeps its set of special ids when a flag changes: rebuild it from its own state
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
 
 
 def make_room_for_tokens(model: Any, tokenizer: Any, new_ids: list[int], old_len: int) -> dict[str, Any]:

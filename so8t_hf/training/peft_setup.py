@@ -4,6 +4,13 @@ Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, so Llama-styl
 match nothing; a target that matches no module is an error here, never a silently untrained adapter.
 The SO(8) rotations ride along as PEFT `modules_to_save`: trainable, written into
 `adapter_model.safetensors`, restored by `PeftModel.from_pretrained`, and merged by `merge_and_unload`.
+
+A base without rotations (a stock `Phi3ForCausalLM`) would take such an adapter silently and drop the trained
+rotations (PEFT ignores `modules_to_save` names and state-dict keys it cannot place). So the adapter also carries
+`exclude_modules` = `SO8T_BASE_GUARD` (combined with the user's): a regex that excludes the rotation modules
+from LoRA targeting, a no-op on SO8T-Phi3, and whose `(?#...)` comment states the problem and the fix. On a base
+without rotations stock PEFT (>= 0.21; `PeftModel.from_pretrained`, `AutoPeftModelForCausalLM`, transformers'
+`load_adapter`) warns "You have passed exclude_modules=<that text> but no modules were excluded".
 """
 
 from __future__ import annotations
@@ -16,6 +23,14 @@ from peft import LoraConfig, PeftConfig
 
 PHI3_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 SO8_MODULE = "so8_rotation"
+# A regex comment ends at the first ")", so the text has none.
+SO8T_BASE_GUARD = (
+    r".*\.so8_rotation(?# <- SO8T ADAPTER ON A BASE WITHOUT SO8 ROTATIONS: the trained so8_rotation weights of "
+    r"this adapter were NOT loaded, so this model is NOT the trained one. Fix: load the base as SO8T-Phi3 - "
+    r"get_class_from_dynamic_module with modeling_so8t_phi3.So8tPhi3ForCausalLM from the adapter's repo, or "
+    r"so8t_hf.So8tPhi3ForCausalLM - then PeftModel.from_pretrained; or load the merged model at the repo root "
+    r"with trust_remote_code=True. See the model card.)"
+)
 
 
 def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, targets=PHI3_LORA_TARGETS,
@@ -49,14 +64,30 @@ def check_lora_targets(model: torch.nn.Module, target_modules) -> None:
 
 
 def prepare_peft_config(peft_config: PeftConfig, model: torch.nn.Module, so8t_trainable: bool = True) -> PeftConfig:
-    """Check the targets against `model` and add the SO(8) rotations to `modules_to_save` (a copy is returned)."""
+    """Check the targets against `model`, add the SO(8) rotations to `modules_to_save` and `SO8T_BASE_GUARD` to
+    `exclude_modules` (a copy is returned)."""
     peft_config = copy.deepcopy(peft_config)
     check_lora_targets(model, getattr(peft_config, "target_modules", None))
     if so8t_trainable and has_so8_rotations(model):
         modules = list(peft_config.modules_to_save or [])
         if SO8_MODULE not in modules:
             peft_config.modules_to_save = modules + [SO8_MODULE]
+        if hasattr(peft_config, "exclude_modules"):
+            peft_config.exclude_modules = with_so8t_base_guard(peft_config.exclude_modules)
     return peft_config
+
+
+def with_so8t_base_guard(exclude_modules) -> str:
+    """`exclude_modules` (None, a regex, or names) as one regex that also holds `SO8T_BASE_GUARD`; PEFT matches a
+    regex with `re.fullmatch` and names as the key itself or a `.name` suffix, which the regex reproduces."""
+    if not exclude_modules:
+        return SO8T_BASE_GUARD
+    if isinstance(exclude_modules, str):
+        if SO8T_BASE_GUARD in exclude_modules:
+            return exclude_modules
+        return f"(?:{exclude_modules})|{SO8T_BASE_GUARD}"
+    names = "|".join(re.escape(name) for name in sorted(exclude_modules))
+    return f"(?:.*\\.)?(?:{names})|{SO8T_BASE_GUARD}"
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[str, int]:
@@ -132,6 +163,20 @@ def prepare_kbit_model(model: torch.nn.Module, compute_dtype: torch.dtype = torc
             param.data = param.data.to(compute_dtype)
     keep_so8_fp32(model)
     return model
+
+
+def expose_head_bias(model: torch.nn.Module) -> None:
+    """Give a PEFT `TrainableTokensWrapper` around the LM head (`trainable_token_indices` on `lm_head`) the `bias`
+    attribute TRL's fused LM head reads (`lm_head.weight, lm_head.bias`): the wrapper forwards `weight` (the base
+    rows with the trained ones written in, differentiable) but not `bias`. Phi-3's head has no bias."""
+    head = model.get_output_embeddings()
+    if type(head).__name__ != "TrainableTokensWrapper" or "bias" in head.__dict__:
+        return
+    bias = head.token_adapter.base_layer.bias
+    if bias is not None:  # PEFT's token layer computes F.linear(x, W) without it: the trained head would differ
+        raise ValueError("trainable_token_indices on an LM head with a bias is not supported (PEFT drops the bias); "
+                         "put lm_head in modules_to_save instead")
+    head.bias = None
 
 
 def keep_so8_fp32(model: torch.nn.Module) -> None:

@@ -26,6 +26,7 @@ from so8t_hf.rotation import rotation_health
 from so8t_hf.training.config import LossHasNoGraphError, SO8TConfig
 from so8t_hf.training.peft_setup import (
     SO8_MODULE,
+    expose_head_bias,
     format_parameter_summary,
     keep_so8_fp32,
     parameter_groups,
@@ -83,6 +84,7 @@ class SO8TTrainer(SFTTrainer):
             model.enable_input_require_grads()  # reentrant checkpointing needs inputs that require grad
         super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
         keep_so8_fp32(self.model)  # SFTTrainer casts every trainable parameter of a quantised model to bf16
+        expose_head_bias(self.model)  # trainable tag rows of lm_head: TRL's fused LM head reads lm_head.bias
         self.loss_fallback_steps = 0
         self._captured: dict[str, torch.Tensor] = {}
         self._hook = self._last_hidden_module().register_forward_hook(self._capture_hidden)

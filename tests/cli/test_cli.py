@@ -1,11 +1,13 @@
-"""`so8t-hf` command line: env report and export to a plain Phi-3."""
+"""`so8t-hf` command line: env report, export to a plain Phi-3 (from an SO8T-Phi3, or from a stock Phi-3 base plus
+an adapter), chat, and push's arguments."""
 
 import json
 import subprocess
 import sys
 
 import torch
-from tiny_models import random_ids, randomize_rotations, tiny_so8t
+import pytest
+from tiny_models import random_ids, randomize_rotations, tiny_phi3, tiny_so8t
 from transformers import AutoModelForCausalLM, Phi3ForCausalLM
 
 from so8t_hf.cli import main
@@ -41,6 +43,50 @@ def test_export_writes_a_plain_phi3_with_equal_logits(tmp_path):
     with torch.no_grad():
         ref, got = model(ids).logits, plain(ids).logits
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-4
+
+
+def test_export_merges_an_adapter_onto_a_stock_phi3_base(tmp_path):
+    """The adapter of a run (LoRA, SO(8) generators, tag rows) on its stock base: the plain model equals the trained
+    model, and equals the export of the merged SO8T-Phi3 (a run's final/), within 1e-5 in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    from so8t_hf.modeling import So8tPhi3ForCausalLM
+    from so8t_hf.training.peft_setup import prepare_peft_config
+
+    tiny_phi3(seed=5).save_pretrained(tmp_path / "base")  # stock Phi3ForCausalLM, as a run's base
+    model = So8tPhi3ForCausalLM.from_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                        trainable_token_indices={"embed_tokens": [125, 126], "lm_head": [125, 126]})
+    trained = get_peft_model(model, prepare_peft_config(config, model)).eval()
+    with torch.no_grad():
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    trained.save_pretrained(tmp_path / "adapter")
+    ids = random_ids(1, 12)
+    ids[0, 3] = 125
+    with torch.no_grad():
+        expected = trained(ids).logits
+    trained.merge_and_unload().save_pretrained(tmp_path / "final")
+    for name, argv in (("from_adapter", ["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]),
+                       ("from_final", ["--model", str(tmp_path / "final")])):
+        assert main(["export", *argv, "--output", str(tmp_path / name), "--dtype", "float32"]) == 0
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        assert type(plain) is Phi3ForCausalLM
+        with torch.no_grad():
+            assert (plain(ids).logits - expected).abs().max() <= 1e-5, name
+    with pytest.raises(SystemExit, match="not an SO8T-Phi3"):
+        main(["export", "--model", str(tmp_path / "base"), "--output", str(tmp_path / "x")])
+
+
+def test_push_arguments(tmp_path):
+    from so8t_hf.cli.main import build_parser
+
+    args = build_parser().parse_args(["push", "out", "--repo-id", "me/x", "--dry-run", "stage"])
+    assert (args.output_dir, args.repo_id, args.private, args.dry_run) == ("out", "me/x", True, "stage")
+    assert build_parser().parse_args(["push", "out", "--repo-id", "me/x", "--public"]).private is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["push", "out", "--repo-id", "me/x", "--public", "--private"])
 
 
 def test_chat_prints_only_the_final_unless_show_thinking(tmp_path, capsys, monkeypatch):

@@ -1,5 +1,5 @@
-"""The thinking-SFT recipe end to end on CPU with tiny.yaml: outputs, remote-code final model, resume,
-config parsing, and the Hub push wrapper (offline)."""
+"""The thinking-SFT recipe end to end on CPU with tiny.yaml: outputs, remote-code final model, resume, config
+parsing, DDP. (Publishing, and the Phi-3.5 recipe's tag rows on a shaped checkpoint: tests/hub.)"""
 
 import json
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from isolation import remote_load_max_diff
-from paths import PHI35_TOKENIZER, REPO
+from paths import REPO
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,7 +37,8 @@ def test_recipe_writes_every_artifact(run_dir):
     out, metrics = run_dir
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "final/config.json",
                  "final/modeling_so8t_phi3.py", "final/configuration_so8t_phi3.py", "final/tokenizer.json",
-                 "README.md", "training_log.json", "loss_curve.png", "data_report.json"):
+                 "final/pipeline_so8t_thinking.py", "final/format.py", "README.md", "adapter/README.md",
+                 "run_summary.json", "training_log.json", "loss_curve.png", "data_report.json"):
         assert (out / name).is_file(), name
     adapter = load_file(str(out / "adapter/adapter_model.safetensors"))
     assert sum("so8_rotation" in k for k in adapter) == 2 and any("lora_A" in k for k in adapter)
@@ -53,6 +54,8 @@ def test_recipe_writes_every_artifact(run_dir):
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     assert "generation %}" in tokenizer.chat_template and "<think-task>" not in tokenizer.chat_template
     assert len(tokenizer.encode("<think-task>", add_special_tokens=False)) == 1
+    generation = json.loads((out / "final/generation_config.json").read_text())
+    assert generation["eos_token_id"][0] == tokenizer.convert_tokens_to_ids("<|end|>")  # plain generate() stops
 
 
 def test_final_model_loads_with_remote_code_without_so8t_hf(run_dir, tmp_path):
@@ -98,60 +101,6 @@ def test_every_recipe_yaml_parses_and_names_its_launch_line():
         text = path.read_text()
         assert "accelerate launch" in "".join(text.splitlines()[:4]), path.name
         make_parser().parse_args_and_config(["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
-
-
-def test_push_to_hub_uploads_the_output_dir_without_checkpoints(run_dir, monkeypatch):
-    out, _ = run_dir
-    calls = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            calls["token"] = token
-
-        def create_repo(self, repo_id, private, exist_ok):
-            calls["repo"] = (repo_id, private, exist_ok)
-
-        def upload_folder(self, repo_id, folder_path, ignore_patterns, commit_message):
-            calls["upload"] = (repo_id, Path(folder_path), ignore_patterns)
-            return "https://example.invalid/commit"
-
-    import huggingface_hub
-
-    from so8t_hf.sft.hub import push_output_dir
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    assert push_output_dir(out, "me/so8t-tiny", token="t") == "https://example.invalid/commit"
-    assert calls["upload"] == ("me/so8t-tiny", out, ["checkpoint-*", "checkpoint-*/**", "runs/**"])
-    with pytest.raises(ValueError, match="hub_model_id"):
-        push_output_dir(out, None)
-
-
-
-
-@pytest.mark.skipif(not PHI35_TOKENIZER.is_dir(), reason=f"Phi-3.5 tokenizer fixture not found at {PHI35_TOKENIZER}")
-def test_phi35_config_on_a_shaped_checkpoint_trains_the_new_tag_rows(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import make_phi35_shaped
-
-    make_phi35_shaped.main(["--tokenizer", str(PHI35_TOKENIZER), "--out", str(tmp_path / "base"), "--hidden", "64",
-                            "--layers", "2", "--heads", "4", "--intermediate", "128", "--device", "cpu"])
-    thinking_sft.main([
-        "--config", str(REPO / "recipes/configs/phi35_mini_lora.yaml"), "--model_name_or_path", str(tmp_path / "base"),
-        "--dataset_path", str(REPO / "data/sample"), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
-        "--bf16", "false", "--dtype", "float32", "--use_cpu", "true", "--optim", "adamw_torch", "--max_length", "512",
-        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_strategy", "no",
-        "--save_strategy", "no", "--eval_generation_rows", "1", "--eval_max_new_tokens", "8", "--disable_tqdm", "true",
-    ])
-    adapter = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
-    base = load_file(str(tmp_path / "base/model.safetensors"))
-    head = adapter["base_model.model.lm_head.weight"].float()
-    assert any("trainable_tokens_delta" in k for k in adapter)  # the new tag rows of embed_tokens train
-    assert (head[:32011] - base["lm_head.weight"][:32011].float()).abs().max() > 0  # lm_head trains
-    mean = base["lm_head.weight"][:32011].float().mean(0)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run/final")
-    tag_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<think-task>", "</final>")]
-    assert all(32011 <= i < 32064 for i in tag_ids)  # spare rows, no resize
-    assert (head[tag_ids] - mean).abs().max() < 1e-2  # started from the mean embedding, moved a little
 
 
 def test_ddp_two_cpu_processes_follow_the_single_process_loss_curve(tmp_path):

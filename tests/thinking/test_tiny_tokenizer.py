@@ -1,5 +1,6 @@
-"""The shipped tiny tokenizer: exact round trip of English and Japanese text, special tokens as single
-ids, the Phi-3 chat format, assistant masks, and a retrain that reproduces the committed files."""
+"""The shipped tiny tokenizer: exact round trip of English and Japanese text, special tokens and thinking tags
+as single ids (the tags non-special, so skip_special_tokens keeps them), the Phi-3 chat format, assistant masks,
+and a retrain that reproduces the committed files."""
 
 import importlib.util
 
@@ -58,6 +59,13 @@ def test_special_tokens_are_single_fixed_ids(tok):
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 3, 3)
     assert tok.encode("Hi", add_special_tokens=True) == tok.encode("Hi", add_special_tokens=False)  # no BOS/EOS added
     assert add_thinking_tokens(tok)["new_ids"] == []  # the tags are already there
+
+
+def test_thinking_tags_are_not_special_and_survive_skip_special_tokens(tok):
+    flags = {t.content: t.special for t in tok.added_tokens_decoder.values()}
+    assert [flags[t] for t in SPECIALS] == [True] * 8 + [False] * len(DEFAULT_TAGS.tokens)
+    ids = tok.apply_chat_template(CONVO, tokenize=True, return_dict=True)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "Be kind.Hi" + ANSWER  # roles (with their newline) gone, tags kept
 
 
 @pytest.mark.parametrize("lang", ["en", "ja"])

@@ -1,0 +1,65 @@
+"""`So8tThinkingPipeline`: a `text-generation` pipeline that returns only the final answer of a thinking model.
+
+What: `transformers.TextGenerationPipeline` whose text outputs are `extract_final` of the generation (the
+allow-list of `format.py`: the first `<final>` region outside any thinking, "" when there is none, never the
+thinking). Chat input gives the conversation plus `{"role": "assistant", "content": <final>}`; a string prompt
+gives the prompt plus the final (`return_full_text=False`: the final alone). `return_raw_text=True` adds
+`raw_generated_text`, the generation with its tags (developers, audits). `return_tensors=True` is unchanged.
+The tag set is the model's `config.thinking_tags` (the default set when absent).
+
+Shipped as remote code: every so8t_hf checkpoint holds this file as `pipeline_so8t_thinking.py`, the thinking
+format beside it as `format.py`, and names the class in `config.json` under `custom_pipelines`, so
+`pipeline("text-generation", model=REPO, trust_remote_code=True)` runs it (without `trust_remote_code`
+transformers refuses that repo's pipeline). Imports transformers and `.format` (standard library only), never
+so8t_hf. Limits: reads the token ids of `TextGenerationPipeline._forward`'s outputs (`generated_sequence`,
+`input_ids`), as transformers 5 gives them.
+
+Origin: transformers' custom pipelines (`custom_pipelines` in a model's config, as databricks/dolly-v2 ships
+its instruction pipeline).
+"""
+
+from transformers import TextGenerationPipeline
+from transformers.pipelines.text_generation import ReturnType
+
+from .format import DEFAULT_TAGS, ThinkingTags, extract_final
+
+def model_tags(config) -> ThinkingTags:
+    """The tag set a model was trained with (`config.thinking_tags`), else the default set."""
+    tags = getattr(config, "thinking_tags", None)
+    if not tags:
+        return DEFAULT_TAGS
+    return ThinkingTags(sections=tuple(tags["sections"]), final=tags["final"])
+
+
+class So8tThinkingPipeline(TextGenerationPipeline):
+    """`TextGenerationPipeline` that shows only the final answer (see the module docstring)."""
+
+    def _sanitize_parameters(self, return_raw_text=None, **kwargs):
+        preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
+        if return_raw_text is not None:
+            postprocess["return_raw_text"] = return_raw_text
+        return preprocess, forward, postprocess
+
+    def postprocess(self, model_outputs, return_type=ReturnType.FULL_TEXT, return_raw_text=False, **kwargs):
+        records = super().postprocess(model_outputs, return_type=return_type, **kwargs)
+        if return_type not in (ReturnType.FULL_TEXT, ReturnType.NEW_TEXT):
+            return records
+        input_ids = model_outputs["input_ids"]
+        start = 0 if input_ids is None else input_ids.shape[-1]
+        prompt = model_outputs["prompt_text"]
+        messages = list(getattr(prompt, "messages", None) or [])
+        tags = model_tags(self.model.config)
+        for record, sequence in zip(records, model_outputs["generated_sequence"][0].tolist()):
+            raw = self.tokenizer.decode(sequence[start:], skip_special_tokens=False)  # turn ends stay visible
+            out = record["generated_text"]
+            if isinstance(out, list):  # chat: the last message is the answer
+                continued = len(out) == len(messages)  # an assistant prefill that the generation continued
+                text = (messages[-1]["content"] + raw) if continued else raw
+                out[-1] = {"role": "assistant", "content": extract_final(text, tags)}
+            elif return_type == ReturnType.FULL_TEXT and isinstance(prompt, str):
+                record["generated_text"] = prompt + extract_final(raw, tags)
+            else:
+                record["generated_text"] = extract_final(raw, tags)
+            if return_raw_text:
+                record["raw_generated_text"] = raw
+        return records
