@@ -43,8 +43,12 @@ def test_recipe_writes_every_artifact(run_dir):
     assert sum("so8_rotation" in k for k in adapter) == 2 and any("lora_A" in k for k in adapter)
     log = json.loads((out / "training_log.json").read_text())
     assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
-    for key in ("eval_loss", "eval_final_exact_match", "eval_format_compliance", "eval_thinking_leak_rate"):
-        assert key in metrics
+    evals = [e for e in log if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4]  # each evaluation step once: the final metrics reuse step 4's
+    assert metrics == {k: v for k, v in evals[-1].items() if k != "step"}
+    for key in ("eval_loss", "eval_final_exact_match", "eval_format_compliance", "eval_thinking_leak_rate",
+                "eval_truncated_rate"):
+        assert key in metrics and all(key in e for e in evals), key  # logged with eval_loss, through Trainer.log
     assert metrics["eval_thinking_leak_rate"] == 0.0
     card = (out / "README.md").read_text()
     assert "eval_final_exact_match" in card and "trust_remote_code=True" in card
