@@ -67,7 +67,8 @@ class ThinkingEvalCallback(TrainerCallback):
         self.last: dict[str, float] = {}
         self._warned = False
 
-    def generation_metrics(self, model, batch_size: int = 8, progress: bool = False, prefix: str = "eval") -> dict[str, float]:
+    def generation_metrics(self, model, batch_size: int = 8, progress: bool = False,
+                           prefix: str = "eval") -> dict[str, float]:
         """The prefixed scores of `thinking_generation_metrics` on this callback's rows ({} without rows)."""
         if not self.rows:
             return {}

@@ -2,7 +2,6 @@
 the text of one-row-at-a-time generation, stops each row at the stop tokens, and shows a progress bar."""
 
 import pytest
-import torch
 from tiny_models import randomize_rotations, tiny_so8t
 
 from so8t_hf import force_attention_backend

@@ -38,7 +38,8 @@ def pattern_dataset(rows: int = 16, seed: int = 7):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(rows):
-        length, start, stride = (torch.randint(lo, hi, (1,), generator=gen).item() for lo, hi in ((8, 41), (0, 125), (1, 4)))
+        length, start, stride = (torch.randint(lo, hi, (1,), generator=gen).item()
+                                 for lo, hi in ((8, 41), (0, 125), (1, 4)))
         out.append([3 + (start + i * stride) % 125 for i in range(length)])
     return Dataset.from_dict({"input_ids": out})
 

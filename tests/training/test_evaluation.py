@@ -45,7 +45,8 @@ class _NoGradEqualsGrad(TrainerCallback):
             fresh = model(input_ids=self.ids).logits.detach()
         model.train(was_training)
         self.gaps.append((cached - fresh).abs().max().item())
-        self.thetas.append([p.detach().clone() for n, p in model.named_parameters() if "so8_rotation" in n and p.requires_grad])
+        self.thetas.append([p.detach().clone() for n, p in model.named_parameters()
+                            if "so8_rotation" in n and p.requires_grad])
 
 
 def test_no_grad_logits_equal_grad_logits_after_every_fused_adamw_step(tmp_path):
@@ -147,7 +148,8 @@ def test_final_metrics_evaluates_once_when_the_last_step_was_not_evaluated(think
 
 
 def test_thinking_eval_with_another_trainer_warns_instead_of_passing_silently(caplog):
-    callback = ThinkingEvalCallback(tiny_tokenizer(), [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]])
+    row = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    callback = ThinkingEvalCallback(tiny_tokenizer(), [row])
     with caplog.at_level(logging.WARNING, logger="so8t_hf"):
         callback.on_evaluate(None, None, None, metrics={"eval_loss": 1.0})
         callback.on_evaluate(None, None, None, metrics={"eval_loss": 1.0, "eval_final_exact_match": 0.0})
