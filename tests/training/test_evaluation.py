@@ -147,6 +147,18 @@ def test_final_metrics_evaluates_once_when_the_last_step_was_not_evaluated(think
     assert all(key in metrics for key in THINKING_KEYS) and metrics["eval_loss"] > 0
 
 
+def test_final_metrics_of_the_best_checkpoint_chosen_by_a_thinking_metric(thinking_run, tmp_path, generation_calls):
+    trainer, _ = _trainer(thinking_run, tmp_path, rows=2, max_steps=4, eval_strategy="steps", eval_steps=2,
+                          save_strategy="steps", save_steps=2, per_device_train_batch_size=2,
+                          load_best_model_at_end=True, metric_for_best_model="truncated_rate", greater_is_better=False)
+    trainer.train()
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4] and evals[0]["eval_truncated_rate"] == evals[1]["eval_truncated_rate"]
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")  # a tie keeps the first
+    assert trainer.final_metrics() == {k: v for k, v in evals[0].items() if k != "step"}  # the loaded model's step
+    assert len(generation_calls) == 2
+
+
 def test_thinking_eval_with_another_trainer_warns_instead_of_passing_silently(caplog):
     row = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     callback = ThinkingEvalCallback(tiny_tokenizer(), [row])
