@@ -53,8 +53,9 @@ def generate_replies(model, tokenizer, conversations: Sequence[list[dict[str, st
                      temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
                      progress: bool = False) -> list[tuple[str, int, int]]:
     """(raw text with tags, prompt tokens, generated tokens) per conversation, generated `batch_size` at a time
-    (left-padded). Generation stops per row at `stop_token_ids`; greedy decoding gives the same text as
-    one row at a time."""
+    (left-padded, longest prompts first), with a progress bar over the rows when `progress`. Generation stops
+    per row at `stop_token_ids`; greedy decoding gives the same text as one row at a time
+    (tests/inference/test_generation.py)."""
     from tqdm.auto import tqdm
 
     encoded = [prompt_ids(tokenizer, messages) for messages in conversations]
@@ -63,7 +64,8 @@ def generate_replies(model, tokenizer, conversations: Sequence[list[dict[str, st
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     results: list[tuple[str, int, int] | None] = [None] * len(encoded)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="Generating", disable=not progress or len(batches) < 2):
+    bar = tqdm(total=len(encoded), desc="Generating", unit="row", disable=not progress)
+    for batch in batches:
         width = max(len(encoded[i]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -77,6 +79,8 @@ def generate_replies(model, tokenizer, conversations: Sequence[list[dict[str, st
             end = next((j + 1 for j, t in enumerate(new) if t in stops), len(new))  # drop the padding after a stop
             new = new[:end]
             results[i] = (tokenizer.decode(new, skip_special_tokens=False), len(encoded[i]), len(new))
+        bar.update(len(batch))
+    bar.close()
     return results  # type: ignore[return-value]
 
 

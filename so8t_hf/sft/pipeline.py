@@ -34,7 +34,7 @@ from so8t_hf.thinking.data import (
     tiny_tokenizer_path,
 )
 from so8t_hf.thinking.format import get_tag_preset
-from so8t_hf.training.callbacks import ThinkingEvalCallback, thinking_generation_metrics
+from so8t_hf.training.callbacks import ThinkingEvalCallback
 from so8t_hf.training.config import SO8TConfig
 from so8t_hf.training.peft_setup import prepare_kbit_model, quantization_config
 from so8t_hf.training.trainer import SO8TTrainer
@@ -184,13 +184,10 @@ def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig,
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=lora_config(model_args, new_ids) if model_args.use_peft else None,
-        callbacks=[ThinkingEvalCallback(tokenizer, eval_rows, tags, data_args.eval_max_new_tokens)] if evaluation else None,
+        callbacks=[ThinkingEvalCallback(tokenizer, eval_rows, tags, data_args.eval_max_new_tokens)] if eval_rows else None,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = trainer.evaluate() if evaluation is not None else {}
-    if eval_rows and "eval_final_exact_match" not in metrics:
-        metrics.update({f"eval_{k}": v for k, v in thinking_generation_metrics(
-            trainer.model, tokenizer, eval_rows, tags, data_args.eval_max_new_tokens).items()})
+    metrics = trainer.final_metrics() if evaluation is not None else {}  # the last step is evaluated once
     if trainer.is_world_process_zero():
         save_outputs(trainer, tokenizer, model_args, output_dir, tags)
         write_run_reports(output_dir, trainer.state.log_history, metrics, model_args, data_args, training_args,

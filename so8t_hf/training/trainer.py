@@ -7,6 +7,9 @@ Overrides only what it must:
   It never steps on a graph-less loss and never multiplies one by zero. Adds the optional PET term.
 - `create_optimizer`: the SO(8) generators get their own param group (`so8t_learning_rate`, no decay).
 - `log`: perplexity, learning rates, tokens/s, peak memory, SO(8) health, `loss_fallback_steps`.
+- `evaluation_loop`: adds the thinking metrics of each `ThinkingEvalCallback` (generated replies) to the
+  evaluation's metrics, so they reach `Trainer.log` (every `report_to`, the console) with `eval_loss`.
+- `final_metrics`: the evaluation of the model training left, reusing the evaluation of that step if one ran.
 Gradient checkpointing defaults to non-reentrant; a reentrant request gets `enable_input_require_grads`.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import time
 import warnings
 
@@ -23,6 +27,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
 from so8t_hf.rotation import rotation_health
+from so8t_hf.training.callbacks import ThinkingEvalCallback
 from so8t_hf.training.config import LossHasNoGraphError, SO8TConfig
 from so8t_hf.training.peft_setup import (
     SO8_MODULE,
@@ -173,6 +178,34 @@ class SO8TTrainer(SFTTrainer):
                 "does not run under torch.no_grad / inference_mode."
             )
         return f"The training loss has no gradient graph and cannot be recovered from the hidden states: {cause}"
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        progress = self.is_local_process_zero() and not self.args.disable_tqdm
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ThinkingEvalCallback):
+                output.metrics.update(callback.generation_metrics(
+                    self.model, batch_size=self.args.per_device_eval_batch_size, progress=progress,
+                    prefix=metric_key_prefix))
+        return output
+
+    def final_metrics(self) -> dict[str, float]:
+        """Evaluation metrics of the model as training left it: those logged at its step when that step was
+        evaluated (the best checkpoint's step under `load_best_model_at_end`), else one `evaluate()`."""
+        step = self.state.global_step
+        best = self.state.best_model_checkpoint
+        found = re.search(r"checkpoint-(\d+)/*$", best or "")
+        if self.args.load_best_model_at_end and found:
+            step = int(found.group(1))
+        for entry in reversed(self.state.log_history):
+            if entry.get("step") == step and "eval_loss" in entry:
+                logger.info("final metrics: the evaluation logged at step %d (not evaluated again)", step)
+                return {k: v for k, v in entry.items() if k != "step"}
+        return self.evaluate()
 
     # ------------------------------------------------------------------ optimizer and logging
 
