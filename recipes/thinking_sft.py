@@ -9,6 +9,8 @@ YAML keys are the field names of the three configs (see --help); flags override 
 import logging
 import sys
 
+from accelerate import PartialState
+
 from so8t_hf.sft import make_parser, run_thinking_sft
 
 
@@ -16,6 +18,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_args, data_args, training_args = make_parser().parse_args_and_config(argv)
     metrics = run_thinking_sft(model_args, data_args, training_args)
+    PartialState().destroy_process_group()  # a clean exit under torchrun / accelerate (no-op in one process)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics
 

@@ -197,6 +197,7 @@ def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig,
 
         push_output_dir(output_dir, training_args.hub_model_id, token=training_args.hub_token,
                         private=training_args.hub_private_repo is not False)
+    trainer.accelerator.wait_for_everyone()  # no rank leaves (and tears its process group down) while rank 0 writes
     return metrics
 
 
