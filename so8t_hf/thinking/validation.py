@@ -22,7 +22,6 @@ well formed, because the chat template trains on all of them. Content must be pl
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,19 +32,12 @@ from so8t_hf.thinking.format import (
     find_thinking_problems,
     render_thinking,
 )
+from so8t_hf.thinking.lexer import find_specials, find_tags
 
 __all__ = ["ROLES", "normalize_thinking_row", "row_shape"]
 
 ROLES = ("system", "user", "assistant")
 Problem = tuple[str, str]  # (field, reason)
-
-_SPECIAL_RE = re.compile(r"<\|[^<>|\s]{1,64}\|>|<\s*/?\s*s\s*>")
-
-
-def _tag_re(tags: ThinkingTags) -> re.Pattern[str]:
-    names = "|".join(re.escape(n) for n in sorted({*tags.sections, tags.final}, key=len, reverse=True))
-    return re.compile(rf"<\s*/?\s*(?:{names}|think[\w.:-]*)(?=[\s/>]|<|\Z)[^<>]*>?", re.IGNORECASE)
-
 
 def _present(row: Mapping[str, Any], key: str) -> bool:
     return key in row and row[key] is not None
@@ -77,16 +69,20 @@ def _string(value: Any, field: str, problems: list[Problem], *, required: bool =
     return value
 
 
-def _no_specials(text: str | None, field: str, problems: list[Problem]) -> None:
-    for tok in dict.fromkeys(m.group(0) for m in _SPECIAL_RE.finditer(text or "")):
+def _no_specials(text: str | None, field: str, problems: list[Problem], tags: ThinkingTags = DEFAULT_TAGS) -> None:
+    """Prompt text must hold no special token and no tag string the tokenizer would encode as the tag's token."""
+    for tok in dict.fromkeys(find_specials(text or "", tags)):
         problems.append((field, f"contains the special token {tok!r}; remove it (the chat template adds turns)"))
+    for tag in dict.fromkeys(t for t in find_tags(text or "", tags) if t in tags.tokens):
+        problems.append((field, f"contains the tag {tag!r}; remove it (it would be encoded as the tag's token)"))
 
 
 def _plain(text: str | None, field: str, tags: ThinkingTags, problems: list[Problem]) -> None:
-    """A thinking section or final given as a field must hold no tags and no special tokens."""
-    for tag in dict.fromkeys(m.group(0) for m in _tag_re(tags).finditer(text or "")):
+    """A thinking section or final given as a field must hold no tags (exact or disguised) and no special tokens."""
+    for tag in dict.fromkeys(find_tags(text or "", tags)):
         problems.append((field, f"contains the tag {tag!r}; give plain text (tags are added when rendering)"))
-    _no_specials(text, field, problems)
+    for tok in dict.fromkeys(find_specials(text or "", tags)):
+        problems.append((field, f"contains the special token {tok!r}; remove it (the chat template adds turns)"))
 
 
 def _check_messages(
@@ -111,7 +107,7 @@ def _check_messages(
             if i != 0:
                 problems.append((f"{where}.role", "a system message may only come first"))
             text = _string(content, f"{where}.content", problems, required=False)
-            _no_specials(text, f"{where}.content", problems)
+            _no_specials(text, f"{where}.content", problems, tags)
             if text and text.strip():
                 out.append({"role": "system", "content": text})
             continue
@@ -122,7 +118,7 @@ def _check_messages(
         if text is None:
             continue
         if role == "user":
-            _no_specials(text, f"{where}.content", problems)
+            _no_specials(text, f"{where}.content", problems, tags)
         else:
             problems.extend((f"{where}.content", p) for p in find_thinking_problems(text, tags))
         out.append({"role": role, "content": text})
@@ -134,12 +130,12 @@ def _check_messages(
     return out
 
 
-def _instruction_prompt(row: Mapping[str, Any], problems: list[Problem]) -> list[dict[str, str]]:
+def _instruction_prompt(row: Mapping[str, Any], problems: list[Problem], tags: ThinkingTags) -> list[dict[str, str]]:
     instruction = _string(row.get("instruction"), "instruction", problems)
     extra = _string(row.get("input"), "input", problems, required=False)
     system = _string(row.get("system"), "system", problems, required=False)
     for text, field in ((instruction, "instruction"), (extra, "input"), (system, "system")):
-        _no_specials(text, field, problems)
+        _no_specials(text, field, problems, tags)
     if instruction is None:
         return []
     user = instruction if not (extra and extra.strip()) else f"{instruction}\n\n{extra}"
@@ -156,7 +152,7 @@ def _prompt(row: Mapping[str, Any], tags: ThinkingTags, problems: list[Problem])
         if _present(row, "system"):
             problems.append(("system", "put the system prompt inside 'messages' when the prompt is 'messages'"))
         return _check_messages(row["messages"], tags, problems, last_role="user")
-    return _instruction_prompt(row, problems)
+    return _instruction_prompt(row, problems, tags)
 
 
 def _structured_answer(row: Mapping[str, Any], tags: ThinkingTags, problems: list[Problem]) -> str | None:
@@ -210,7 +206,7 @@ def normalize_thinking_row(
     elif shape == "output":
         if _present(row, "messages"):
             problems.append(("messages", "give either 'messages' or 'instruction' + 'output', not both"))
-        prompt = _instruction_prompt(row, problems)
+        prompt = _instruction_prompt(row, problems, tags)
         output = _string(row.get("output"), "output", problems)
         if output is not None:
             problems.extend(("output", p) for p in find_thinking_problems(output, tags))
