@@ -129,14 +129,16 @@ def test_unauthenticated_failures_are_aggregated_in_the_audit_without_losing_the
     time.sleep(1.2)  # the previous tests' failures are flushed
     rows_before, count_before = agg()
     total_before = len(audit_rows(server.audit_db))
+    t0 = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda i: httpx.post(f"{server.url}/think", json={"query": "x"}, timeout=30, headers={
             "Authorization": f"Bearer wrong-key-number-{i:04d}"} if i % 2 else {}).status_code, range(300)))
+    flushes = (time.monotonic() - t0) / 0.5 + 2
     assert codes == [401] * 300
     time.sleep(1.5)  # --audit-aggregate-seconds 0.5
     rows_after, count_after = agg()
     assert count_after - count_before == 300  # every failure counted...
-    assert rows_after - rows_before <= 12  # ...in a few rows (one per outcome and flush), not 300
+    assert rows_after - rows_before <= min(2 * flushes, 60)  # ...in one row per outcome and flush, not 300
     assert len(audit_rows(server.audit_db)) - total_before == rows_after - rows_before
     m = client.get("/metrics").text
     assert metric(m, "so8t_audit_pending_unauthenticated") == 0
@@ -239,7 +241,7 @@ def test_chunked_body_over_limit_and_unknown_routes(client):
 def test_final_only_no_digest_and_usage_hides_the_thinking_length(server, client, demo):
     end = len(demo.script) - 1  # generation stops once </final> closes the answer
     r = client.post("/think", json={"query": "What is 6*7?"}, headers=ALICE).json()
-    assert r["final"] == extract_final(demo.text) == FINAL and r["outcome"] == "ok"
+    assert r["final"] == extract_final(demo.text) == FINAL and r["outcome"] == "malformed"  # one section only
     assert set(r) == {"request_id", "final", "usage", "finish_reason", "outcome"}  # no thinking digest by default
     final_tokens = len(AutoTokenizer.from_pretrained(demo.path).encode(FINAL, add_special_tokens=False))
     assert r["usage"]["completion_tokens"] == final_tokens < end and r["finish_reason"] == "stop"
@@ -336,7 +338,7 @@ def test_every_truncation_of_a_malformed_generation_leaks_nothing(client, demo):
                           for _, d in sse_events(o.text) if d != "[DONE]")
         assert content == expected, (k, content)
         outcomes.add(r.json()["outcome"])
-    assert {"no_final", "truncated", "ok"} <= outcomes
+    assert {"no_final", "truncated", "malformed"} <= outcomes
 
 
 def test_sse_formats(client):
