@@ -102,6 +102,9 @@ class AuditLog:
         try:
             if self.path.is_dir():
                 raise IsADirectoryError("it is a directory")
+            for parent in self.path.parents:
+                if parent.exists() and not parent.is_dir():
+                    raise NotADirectoryError(f"{parent} is a file, not a folder")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
                                        timeout=busy_timeout)
