@@ -120,7 +120,14 @@ class AuditLog:
                 self._db.close()
             if isinstance(exc, AuditError):
                 raise
-            raise AuditError(f"audit DB {self.path}: {_cause(exc)}") from None
+            cause = _cause(exc)
+            if "unable to open" in cause:  # SQLite does not say why: ask the OS
+                try:
+                    with open(self.path, "ab"):
+                        pass
+                except OSError as os_exc:
+                    cause += f" ({os_exc.strerror or type(os_exc).__name__})"
+            raise AuditError(f"audit DB {self.path}: {cause}") from None
 
     @classmethod
     def open(cls, path: str | Path, store_thinking: bool = False, busy_timeout: float = 5.0) -> AuditLog:
