@@ -8,7 +8,7 @@ queue of --burst-queue (200s and 503s) and records how long the burst took to dr
 values, leaks of the thinking secret and the audit rows; writes a markdown table with the machine and command.
 
 Limits: client and server share the machine's cores; the tiny model measures the service's own
-overhead (HTTP, auth, queue, audit commit, 31-token generation), not a real model's speed.
+overhead (HTTP, auth, queue, audit commit, 26-token generation), not a real model's speed.
 
     .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--levels 1 8 32] [--requests 200] [--bursts 50 200]
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "serve")]
 from serve_helpers import SECRET, audit_rows, build_demo_model, start_server
 
 KEY = "bench-secret-key-0001"
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=200, help="requests per level (default 200)")
     ap.add_argument("--seconds", type=float, default=30.0, help="time limit per level (default 30)")
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="per request (the demo script stops at 31)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="per request (the demo script stops at 26)")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--bursts", type=int, nargs="*", default=[50, 200], help="simultaneous requests per burst")
     ap.add_argument("--burst-queue", type=int, default=8, help="--max-queue of the burst server (8)")
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = len(audit_rows(server.audit_db))
     sent = sum(sum(r["codes"].values()) for r in [*results, fixed]) + 2 * (len(results) + 1)
     what = args.model or ("the scripted tiny demo SO8T-Phi3 (vocab 32,064, hidden 64, 2 layers; "
-                          "31 generated tokens per request)")
+                          "26 generated tokens per request)")
     server_line = (f"Server: `python -m so8t_hf.serve --torch-threads {args.torch_threads} --no-access-log` on "
                    f"127.0.0.1, {what}, audit DB with `synchronous=FULL`; closed-loop clients (httpx, one process) "
                    f"on the same machine. Up to {args.requests} requests or {args.seconds:g} s per level, after 2 "
