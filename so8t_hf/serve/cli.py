@@ -194,7 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, AuditError) as exc:
         print(f"so8t-hf serve: error: {exc}", file=sys.stderr)
         return 2
-    if any(not k.split(":")[-1].startswith("sha256=") for k in args.api_key):
+    if any("sha256=" not in k for k in args.api_key):
         logger.warning("--api-key puts secrets on the command line, where other users see them (ps, /proc/PID/"
                        "cmdline): use --api-keys-file or $%s", ENV_KEYS)
     settings = ServeSettings(args.max_new_tokens_cap, args.default_max_new_tokens, args.max_body_bytes,
