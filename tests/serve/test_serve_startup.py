@@ -87,6 +87,25 @@ def demo(tmp_path_factory):
     return shared_demo_model(tmp_path_factory)
 
 
+def _cold_burst_retry_after_is_realistic(url, auth, clients=50):
+    """The first burst a fresh server sees (nothing measured yet): Retry-After must not exceed the drain time."""
+    import asyncio
+    import math
+    import time
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients + 5)) as ac:
+            return await asyncio.gather(*[ac.post("/think", json={"query": "q"}, headers={"Authorization": auth})
+                                          for _ in range(clients)])
+
+    t0 = time.monotonic()
+    responses = asyncio.run(burst())
+    drained = time.monotonic() - t0
+    retry = [int(r.headers["Retry-After"]) for r in responses if r.status_code == 503]
+    assert retry and all(r.status_code in (200, 503) for r in responses)
+    assert max(retry) <= math.ceil(drained) + 1, (retry, drained)
+
+
 DIGEST_KEY = "an operator secret of more than 32 bytes, from the environment"
 
 
@@ -96,6 +115,7 @@ def test_env_keys_keyed_digest_and_full_usage_when_asked(demo, tmp_path):
                                              "--usage-counts-thinking", "--torch-threads", "1"], name="env",
                        env={"SO8T_API_KEYS": f"envkey:{env_secret}", "SO8T_THINKING_DIGEST_KEY": DIGEST_KEY})
     try:
+        _cold_burst_retry_after_is_realistic(srv.url, f"Bearer {env_secret}")
         cmdline = open(f"/proc/{srv.proc.pid}/cmdline", "rb").read()
         assert env_secret.encode() not in cmdline and DIGEST_KEY.encode() not in cmdline
         r = httpx.post(f"{srv.url}/think", json={"query": "q"}, headers={"Authorization": f"Bearer {env_secret}"},
