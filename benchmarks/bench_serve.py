@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(args.model) if args.model else build_demo_model(work / "model").path
         baseline = generate_baseline_ms(model, args.max_new_tokens, args.torch_threads)
         env = {"SO8T_API_KEYS": f"bench:{KEY}"}
-        server = start_server(model, work, ["--torch-threads", str(args.torch_threads),
+        server = start_server(model, work, ["--torch-threads", str(args.torch_threads), "--usage-counts-thinking",
                                             "--max-queue", str(max(64, 2 * max(args.levels))), "--no-access-log",
                                             "--max-new-tokens-cap", str(max(64, args.max_new_tokens))], name="bench",
                               env=env)
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     sent = sum(sum(r["codes"].values()) for r in [*results, fixed]) + 2 * (len(results) + 1)
     what = args.model or ("the scripted tiny demo SO8T-Phi3 (vocab 32,064, hidden 64, 2 layers; "
                           "26 generated tokens per request)")
-    server_line = (f"Server: `python -m so8t_hf.serve --torch-threads {args.torch_threads} --no-access-log` on "
+    server_line = (f"Server: `python -m so8t_hf.serve --torch-threads {args.torch_threads} --no-access-log "
+                   f"--usage-counts-thinking` (so usage counts every generated token) on "
                    f"127.0.0.1, {what}, audit DB with `synchronous=FULL`; closed-loop clients (httpx, one process) "
                    f"on the same machine. Up to {args.requests} requests or {args.seconds:g} s per level, after 2 "
                    "warm-up requests.")

@@ -44,6 +44,7 @@ class ThinkingTags(Protocol):  # `format.ThinkingTags` (hashable): the names the
 __all__ = [
     "ROLE_TOKENS",
     "TURN_END_TOKENS",
+    "Folded",
     "Tok",
     "find_specials",
     "find_tags",
