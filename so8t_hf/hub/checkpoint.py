@@ -6,7 +6,8 @@
 - The thinking tags as plain (non-special) tokens, so decoding with `skip_special_tokens=True` shows them.
 - `config.thinking_tags` (the tag set) and `config.custom_pipelines`: `pipeline("text-generation", model=...,
   trust_remote_code=True)` runs `So8tThinkingPipeline` (final answer only), shipped beside the model code as
-  `pipeline_so8t_thinking.py` + `format.py` (copies of `so8t_hf/thinking/pipeline.py` and `format.py`).
+  `pipeline_so8t_thinking.py` + `format.py` + `lexer.py` (copies of `so8t_hf/thinking/`; the pipeline also needs
+  the small pure-Python `confusable-homoglyphs` package, which transformers asks for by name when it is missing).
 
 `complete_checkpoint(folder)` edits a saved folder (JSON, tokenizer and code files; the weights are not
 loaded), so it finishes a fresh `final/` and, before a push, an output directory written by so8t_hf 0.1.
@@ -30,6 +31,7 @@ __all__ = ["CUSTOM_PIPELINES", "FORMAT_FILE", "PIPELINE_FILE", "complete_checkpo
 THINKING = Path(__file__).resolve().parents[1] / "thinking"
 PIPELINE_FILE = "pipeline_so8t_thinking.py"  # the checkpoint names of thinking/pipeline.py and thinking/format.py
 FORMAT_FILE = "format.py"
+LEXER_FILE = "lexer.py"  # format.py's one import (its confusables data: pip install confusable-homoglyphs)
 CUSTOM_PIPELINES = {
     "text-generation": {
         "impl": "pipeline_so8t_thinking.So8tThinkingPipeline",
@@ -104,6 +106,7 @@ def complete_checkpoint(folder: str | Path, tags: ThinkingTags | None = None) ->
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     shutil.copyfile(THINKING / "pipeline.py", folder / PIPELINE_FILE)
     shutil.copyfile(THINKING / "format.py", folder / FORMAT_FILE)
+    shutil.copyfile(THINKING / "lexer.py", folder / LEXER_FILE)
     logger.info("%s: generation stops at %s; final-only text-generation pipeline %s", folder,
                 generation.eos_token_id, CUSTOM_PIPELINES["text-generation"]["impl"])
     return {"eos_token_id": generation.eos_token_id, "tags": tags}

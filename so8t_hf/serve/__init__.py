@@ -2,8 +2,8 @@
 
 What: `create_app` (FastAPI) over a `GenerationEngine` (model + worker threads), a `KeyStore`
 and an `AuditLog`; `so8t-hf serve` / `python -m so8t_hf.serve` run it with uvicorn. Users only
-ever see the `<final>` answer (`extract_final`); operators get a hash of the thinking
-(`thinking_hash`) per request in the audit log.
+ever see the `<final>` answer (`read_final`, which fails closed); operators can turn on a keyed
+digest of the thinking (`thinking_hash` with an HMAC key) per request in the audit log.
 
 Limits: needs the `serve` extra (fastapi, uvicorn); importing this package does not import them
 or torch models until `create_app` is used.
@@ -22,7 +22,7 @@ def __getattr__(name: str):  # lazy: fastapi / transformers only when asked for
     if name == "AuditLog":
         from so8t_hf.serve.audit import AuditLog
         return AuditLog
-    if name in ("GenerationEngine", "load_model", "visible_final_prefix"):
-        from so8t_hf.serve import generation
-        return getattr(generation, name)
+    if name in ("GenerationEngine", "visible_final_prefix"):
+        from so8t_hf.serve import engine
+        return getattr(engine, name)
     raise AttributeError(name)

@@ -1,139 +1,50 @@
 """The FastAPI app: `POST /think`, OpenAI-compatible `POST /v1/chat/completions`, `/healthz`, `/metrics`.
 
-What: every API request is authenticated (Bearer key), size- and shape-checked, queued on the
-`GenerationEngine` (503 + Retry-After when the queue is full), answered with the final answer
-only, and audited (one committed SQLite row per request, before the response or the last
-streamed event leaves). Errors are JSON `{"error": {"type", "message", "request_id"}}`:
-400 invalid JSON, 401 missing/unknown key, 403 revoked key, 413 body too large, 422 invalid
-request (schema, too many messages, too many input tokens, `max_new_tokens` over the cap),
-503 queue full or shutting down, 500 anything else (a fixed message, never exception text).
-Nothing returned or logged holds generated text other than the final answer; logs carry ids,
-lengths, counts and hashes only.
+What: every API request is authenticated (one Bearer key), size-, time- and shape-checked, queued on
+the `GenerationEngine` (503 + Retry-After from measured throughput when the queue is full), answered
+with the final answer only (fail closed: a withheld final is "" with outcome `withheld`, and
+`finish_reason` `content_filter` on the OpenAI route), and audited (one committed SQLite row per
+authenticated request before the response or the last streamed event leaves; unauthenticated failures
+are counted into aggregate rows). Errors are JSON `{"error": {"type", "message", "request_id"}}`:
+400 invalid JSON or two Authorization headers, 401 missing/unknown key, 403 revoked key, 408 body not
+received in time, 413 body too large, 422 invalid request (schema, too many messages, too many input
+tokens, `max_new_tokens` over the cap, content holding a role / special / tag token), 503 queue full
+or shutting down, 500 anything else (a fixed message, never exception text). On shutdown, requests
+still in flight when the grace period ends (`drain`) get a JSON 503 or an SSE `error` event with their
+request id, audited with that status. Nothing returned or logged holds generated text other than the
+final answer; logs carry ids, lengths, counts and keyed digests only. `usage.completion_tokens` counts
+the final's tokens unless the operator asks for every generated token (it would reveal the thinking's
+length); the thinking digest (an HMAC under the operator's key) is returned only when turned on.
 
 Limits: one model per process; `/healthz` and `/metrics` are unauthenticated (they expose counts
-only); `n` must be 1 and `stop` sequences are not supported on the OpenAI route.
+only, but the generated-token counter moves by each request's total: keep `/metrics` internal);
+response times still reveal roughly how long the thinking was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import traceback
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from so8t_hf.serve.audit import AuditLog, AuditRow, Metrics
 from so8t_hf.serve.auth import AuthError, KeyStore
-from so8t_hf.serve.engine import GenerationEngine, GenParams, GenResult, Job, QueueFull
+from so8t_hf.serve.engine import ForbiddenContent, GenerationEngine, GenParams, GenResult, Job, QueueFull
+from so8t_hf.serve.schemas import ApiError, ChatRequest, ServeSettings, ThinkRequest, parse, read_body
 
 __all__ = ["ServeSettings", "create_app"]
 
 logger = logging.getLogger("so8t_hf.serve")
-
-
-@dataclass
-class ServeSettings:
-    """Request limits (CLI flags of the same names)."""
-
-    max_new_tokens_cap: int = 512
-    default_max_new_tokens: int = 256  # used when a request gives none (capped at max_new_tokens_cap)
-    max_body_bytes: int = 65536
-    max_messages: int = 32
-    max_input_tokens: int = 2048
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-# ----------------------------------------------------------------------------------- request schemas
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ThinkRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    messages: list[Message] | None = Field(None, min_length=1)
-    query: str | None = Field(None, min_length=1)
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stream: bool = False
-
-    @model_validator(mode="after")
-    def _one_input(self) -> ThinkRequest:
-        if (self.messages is None) == (self.query is None):
-            raise ValueError("give exactly one of 'messages' or 'query'")
-        return self
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-
-class ChatRequest(BaseModel):  # unknown OpenAI fields are ignored
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
-    stop: None = Field(None, description="stop sequences are not supported")
-
-
-def _validation_message(exc: ValidationError) -> str:
-    """Field locations and messages only: pydantic's `input` (the client's data) is never echoed."""
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:10]]
-    return "; ".join(parts)[:2000]
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.strip().isdigit():
-            raise ApiError(400, "invalid_request", "invalid Content-Length")
-        if int(length) > limit:
-            raise ApiError(413, "body_too_large", f"the request body is over {limit} bytes")
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise ApiError(413, "body_too_large", f"the request body is over {limit} bytes")
-    return bytes(buf)
-
-
-def _parse(raw: bytes, schema: type[BaseModel]) -> Any:
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, "invalid_request", "the request body must be a JSON object")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", _validation_message(exc)) from None
 
 
 class _ClosingStream(StreamingResponse):
@@ -161,33 +72,66 @@ class _Ctx:
 
 def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settings: ServeSettings | None = None,
                start_engine: bool = True) -> FastAPI:
-    """The app; the lifespan starts the engine's workers and, on shutdown, stops them and closes the audit DB."""
+    """The app; the lifespan starts the engine's workers and the audit flusher and, on shutdown, stops them and
+    closes the audit DB. `app.state.drain()` ends every request still in flight with a 503 (the server's grace
+    period calls it)."""
     settings = settings or ServeSettings()
     metrics = Metrics()
+    draining = asyncio.Event()
+
+    async def flush_every(seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await asyncio.to_thread(audit.flush)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if start_engine:
             engine.start()
+        flusher = asyncio.create_task(flush_every(settings.audit_aggregate_seconds))
         try:
             yield
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
             await asyncio.to_thread(engine.stop)
-            audit.close()
+            try:
+                audit.close()
+            except Exception as exc:  # noqa: BLE001
+                logger.error("audit close failed: %s (%d unauthenticated failures not committed)",
+                             type(exc).__name__, audit.pending)
             logger.info("shutdown complete: %d audit rows committed", audit.rows_written)
 
     app = FastAPI(title="so8t_hf serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.audit = engine, metrics, audit
 
+    def drain() -> int:
+        """Refuse new requests and end the ones in flight with 503 shutting_down."""
+        draining.set()
+        ended = engine.drain("ShuttingDown")
+        logger.warning("grace period over: %d request(s) still in flight end with 503 shutting_down", ended)
+        return ended
+
+    app.state.drain = drain
+
+    def log_line(ctx: _Ctx, status: int, outcome: str, row: AuditRow, latency: float) -> None:
+        logger.info(
+            "request_id=%s endpoint=%s key_id=%s status=%d outcome=%s stream=%d final_chars=%s prompt_tokens=%s "
+            "completion_tokens=%s thinking_hmac=%s latency_ms=%.1f", ctx.rid, ctx.endpoint, ctx.key_id, status,
+            outcome, ctx.stream, row.final_chars, row.prompt_tokens, row.completion_tokens, row.thinking_hmac,
+            latency * 1000,
+        )
+
     def finish(ctx: _Ctx, status: int, outcome: str, result: GenResult | None = None) -> bool:
-        """Commit the audit row (once), count it, log it (ids, lengths, hashes only). False if the write failed."""
+        """Commit the audit row (once), count it, log it (ids, lengths, digests only). False if the write failed."""
         if ctx.done:
             return True
         ctx.done = True
         latency = time.monotonic() - ctx.t0
         row = AuditRow(ctx.rid, ctx.ts, ctx.endpoint, status, outcome, latency * 1000, ctx.key_id, ctx.stream)
         if result is not None:
-            row.thinking_sha256, row.final_chars = result.thinking_sha256, len(result.final)
+            row.thinking_hmac, row.final_chars = result.thinking_hmac, len(result.final)
             row.prompt_tokens, row.completion_tokens = result.prompt_tokens, result.completion_tokens
             row.finish_reason, row.generation_text = result.finish_reason, result.text
         ok = True
@@ -197,19 +141,27 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
             logger.error("audit write failed: request_id=%s error=%s", ctx.rid, type(exc).__name__)
             ok = False
         metrics.record(ctx.endpoint, outcome, status, latency, row.prompt_tokens, row.completion_tokens)
-        logger.info(
-            "request_id=%s endpoint=%s key_id=%s status=%d outcome=%s stream=%d final_chars=%s prompt_tokens=%s "
-            "completion_tokens=%s thinking_sha256=%s latency_ms=%.1f", ctx.rid, ctx.endpoint, ctx.key_id, status,
-            outcome, ctx.stream, row.final_chars, row.prompt_tokens, row.completion_tokens, row.thinking_sha256,
-            latency * 1000,
-        )
+        log_line(ctx, status, outcome, row, latency)
         return ok
+
+    def respond(ctx: _Ctx, status: int, code: str, message: str, headers: dict[str, str] | None) -> JSONResponse:
+        body = {"error": {"type": code, "message": message, "request_id": ctx.rid}}
+        return JSONResponse(body, status_code=status, headers={"X-Request-ID": ctx.rid, **(headers or {})})
 
     def error(ctx: _Ctx, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         if not finish(ctx, status, code) and status < 500:
             status, code, message = 500, "audit_unavailable", "the request could not be audited"
-        body = {"error": {"type": code, "message": message, "request_id": ctx.rid}}
-        return JSONResponse(body, status_code=status, headers={"X-Request-ID": ctx.rid, **(headers or {})})
+        return respond(ctx, status, code, message, headers)
+
+    def unauthenticated(ctx: _Ctx, exc: AuthError) -> JSONResponse:
+        """No valid key: counted into an aggregate audit row (not one row each), logged, answered."""
+        ctx.done = True
+        latency = time.monotonic() - ctx.t0
+        audit.count_unauthenticated(ctx.endpoint, exc.status, exc.code, ctx.ts, latency * 1000)
+        metrics.record(ctx.endpoint, exc.code, exc.status, latency)
+        log_line(ctx, exc.status, exc.code, AuditRow(ctx.rid, ctx.ts, ctx.endpoint, exc.status, exc.code, 0), latency)
+        challenge = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return respond(ctx, exc.status, exc.code, str(exc), challenge)
 
     def gen_inputs(req: Any, openai: bool) -> tuple[list[dict[str, str]], GenParams]:
         if openai:
@@ -233,6 +185,8 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
     def encode(messages: list[dict[str, str]], max_new: int) -> list[int]:
         try:
             ids = engine.encode_messages(messages)
+        except ForbiddenContent as exc:
+            raise ApiError(422, "forbidden_token", str(exc)) from None
         except Exception:  # noqa: BLE001
             raise ApiError(422, "invalid_request", "the chat template rejected these messages") from None
         if len(ids) > settings.max_input_tokens:
@@ -243,34 +197,43 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
                            f"exceeds the model's {engine.max_positions} positions")
         return ids
 
+    def job_error(value: str) -> ApiError:
+        if value == "ShuttingDown":
+            return ApiError(503, "shutting_down", "the server is shutting down; retry on another instance or later")
+        return ApiError(500, "generation_failed", "generation failed")
+
     async def wait_result(job: Job) -> GenResult:
         while True:
             kind, value = await job.events.get()
             if kind == "done":
                 return value
             if kind == "error":
-                raise ApiError(503, "shutting_down", "the server is shutting down") if value == "ShuttingDown" \
-                    else ApiError(500, "generation_failed", "generation failed")
+                raise job_error(value)
+
+    def finish_reason(r: GenResult) -> str:
+        return "content_filter" if r.outcome == "withheld" else "length" if r.finish_reason == "length" else "stop"
 
     def body_of(ctx: _Ctx, r: GenResult, openai: bool) -> dict[str, Any]:
-        usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                 "total_tokens": r.prompt_tokens + r.completion_tokens}
+        shown = r.completion_tokens if settings.usage_counts_thinking else r.final_tokens
+        usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": shown, "total_tokens": r.prompt_tokens + shown}
+        digest = {"thinking_hmac": r.thinking_hmac} if settings.thinking_digest == "response" else {}
         if not openai:
-            return {"request_id": ctx.rid, "final": r.final, "thinking_sha256": r.thinking_sha256, "usage": usage,
-                    "finish_reason": r.finish_reason, "outcome": r.outcome}
-        choice = {"index": 0, "message": {"role": "assistant", "content": r.final},
-                  "finish_reason": "length" if r.finish_reason == "length" else "stop"}
+            return {"request_id": ctx.rid, "final": r.final, "usage": usage, "finish_reason": r.finish_reason,
+                    "outcome": r.outcome, **digest}
+        choice = {"index": 0, "message": {"role": "assistant", "content": r.final}, "finish_reason": finish_reason(r)}
         return {"id": f"chatcmpl-{ctx.rid}", "object": "chat.completion", "created": int(ctx.ts),
-                "model": engine.model_name, "choices": [choice], "usage": usage, "request_id": ctx.rid,
-                "thinking_sha256": r.thinking_sha256}
+                "model": engine.model_name, "choices": [choice], "usage": usage, "request_id": ctx.rid, **digest}
 
     def sse(data: Any, event: str | None = None) -> str:
         return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    def chunk(ctx: _Ctx, delta: dict[str, str], finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    def chunk(ctx: _Ctx, delta: dict[str, str], reason: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
         return sse({"id": f"chatcmpl-{ctx.rid}", "object": "chat.completion.chunk", "created": int(ctx.ts),
                     "model": engine.model_name, "choices": [choice]})
+
+    def sse_error(ctx: _Ctx, code: str, message: str) -> str:
+        return sse({"error": {"type": code, "message": message, "request_id": ctx.rid}}, "error")
 
     async def stream_events(ctx: _Ctx, job: Job, openai: bool):
         try:
@@ -283,21 +246,20 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
                     continue
                 if kind == "done" and finish(ctx, 200, value.outcome, value):
                     if openai:
-                        yield chunk(ctx, {}, "length" if value.finish_reason == "length" else "stop")
+                        yield chunk(ctx, {}, finish_reason(value))
                         yield "data: [DONE]\n\n"
                     else:
                         yield sse(body_of(ctx, value, False), "done")
                     return
-                code = "audit_unavailable" if kind == "done" else "shutting_down" if value == "ShuttingDown" \
-                    else "generation_failed"
-                finish(ctx, 503 if code == "shutting_down" else 500, code)
-                yield sse({"error": {"type": code, "message": code.replace("_", " "), "request_id": ctx.rid}}, "error")
+                err = ApiError(500, "audit_unavailable", "the request could not be audited") if kind == "done" \
+                    else job_error(value)
+                finish(ctx, err.status, err.code)
+                yield sse_error(ctx, err.code, err.message)
                 return
         except Exception as exc:  # noqa: BLE001 - log the type only; end the stream with a fixed error event
             logger.error("stream error: request_id=%s error=%s", ctx.rid, type(exc).__name__)
             finish(ctx, 500, "internal_error")
-            yield sse({"error": {"type": "internal_error", "message": "internal server error", "request_id": ctx.rid}},
-                      "error")
+            yield sse_error(ctx, "internal_error", "internal server error")
         finally:
             job.cancel.set()
             finish(ctx, 499, "client_disconnected")
@@ -316,9 +278,17 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
         handed_off = False
         try:
             try:
-                ctx.key_id = keys.authenticate(request.headers.get("authorization")).key_id
-                raw = await _read_body(request, settings.max_body_bytes)
-                req = _parse(raw, ChatRequest if openai else ThinkRequest)
+                if draining.is_set():
+                    raise job_error("ShuttingDown")
+                try:
+                    ctx.key_id = keys.authenticate(request.headers.getlist("authorization")).key_id
+                except AuthError as exc:
+                    if exc.status == 403:
+                        ctx.key_id = exc.key_id
+                        return error(ctx, exc.status, exc.code, str(exc))
+                    return unauthenticated(ctx, exc)
+                raw = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+                req = parse(raw, ChatRequest if openai else ThinkRequest)
                 ctx.stream = bool(req.stream)
                 messages, params = gen_inputs(req, openai)
                 job = Job(encode(messages, params.max_new_tokens), params, asyncio.get_running_loop(), ctx.stream)
@@ -329,17 +299,13 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
                                           media_type="text/event-stream",
                                           headers={"X-Request-ID": ctx.rid, "Cache-Control": "no-cache"})
                 result = await wait_result(job)
-            except AuthError as exc:
-                ctx.key_id = exc.key_id
-                challenge = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-                return error(ctx, exc.status, exc.code, str(exc), challenge)
             except QueueFull as exc:
                 return error(ctx, 503, "queue_full", "the request queue is full; retry later",
                              {"Retry-After": str(exc.retry_after)})
             except ApiError as exc:
                 return error(ctx, exc.status, exc.code, exc.message, exc.headers)
             if not finish(ctx, 200, result.outcome, result):  # no answer leaves without its audit row
-                return error(ctx, 500, "audit_unavailable", "the request could not be audited")
+                return respond(ctx, 500, "audit_unavailable", "the request could not be audited", None)
             return JSONResponse(body_of(ctx, result, openai), headers={"X-Request-ID": ctx.rid})
         except asyncio.CancelledError:
             finish(ctx, 499, "cancelled")
@@ -364,14 +330,19 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
 
     @app.get("/healthz")
     async def healthz():
+        """200 when the workers run, the audit DB takes writes (probed while failing) and no drain began."""
         alive = engine.workers_alive
-        body = {"status": "ok" if alive else "unavailable", "model": engine.model_name,
-                "queue_depth": engine.queue_depth, "generating": engine.active}
-        return JSONResponse(body, status_code=200 if alive else 503)
+        audit_ok = audit.healthy or await asyncio.to_thread(audit.probe)
+        ok = alive and audit_ok and not draining.is_set()
+        body = {"status": "ok" if ok else "unavailable", "model": engine.model_name, "queue_depth": engine.queue_depth,
+                "generating": engine.active, "workers": "ok" if alive else "stopped",
+                "audit": "ok" if audit_ok else f"failing ({audit.last_error})"}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        text = metrics.prometheus(engine.queue_depth, engine.active, engine.max_queue, audit.rows_written)
+        text = metrics.prometheus(engine.queue_depth, engine.active, engine.max_queue, audit.rows_written,
+                                  audit.healthy, audit.pending)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,11 +1,19 @@
 """The audit log (SQLite in WAL mode) and the in-memory request metrics behind `GET /metrics`.
 
-What: one `audit` row per API request (authenticated or not, answered or refused), written and
-committed synchronously (`synchronous=FULL`) before the response, or the last streamed event,
-leaves the server: request id, time, endpoint, key id, HTTP status, outcome, thinking SHA-256,
-final length, token counts, finish reason, latency. The raw generation (thinking included) is
-stored in `generation_text` only when the server runs with `--audit-store-thinking`; otherwise
-that column is NULL and the database holds no thinking text.
+What: one `audit` row per API request, written and committed synchronously (`synchronous=FULL`)
+before the response, or the last streamed event, leaves the server: request id, time, endpoint, key
+id, HTTP status, outcome, thinking digest (HMAC, only when the operator turns digests on), final
+length, token counts, finish reason, latency, and `count` (1). Unauthenticated failures (no key, an
+unknown key, a bad or doubled Authorization header) are aggregated instead: one row per (endpoint,
+status, outcome) and flush interval, whose `count` is the number of requests (nothing is lost: the
+counts wait in memory until a flush commits them, and the last flush runs at shutdown). So the sum of
+`count` equals the requests. The raw generation (thinking included) is stored in `generation_text`
+only with `--audit-store-thinking`; otherwise that column is NULL and the database holds no thinking.
+
+`AuditLog.open` checks the path before anything else is loaded: it creates the file (and its folder),
+sets WAL, creates or checks the table (a table of another shape is refused; a 0.2 table gains the new
+columns) and commits a probe write, raising `AuditError("audit DB PATH: cause")` otherwise. A failed
+write marks the log unhealthy (`/healthz` 503) until a write or a `probe()` succeeds again.
 
 Limits: one writer connection behind a lock (a few ms per row); one server process per database;
 no retention policy (rotate the file offline). Metrics are per process and reset on restart.
@@ -16,32 +24,40 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["AuditLog", "AuditRow", "Metrics"]
+__all__ = ["AUDIT_COLUMNS", "AuditError", "AuditLog", "AuditRow", "Metrics"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
-    request_id TEXT PRIMARY KEY,
-    ts REAL NOT NULL,               -- unix time the request arrived
+    request_id TEXT PRIMARY KEY,    -- agg-... for an aggregate of unauthenticated failures
+    ts REAL NOT NULL,               -- unix time the request (or the aggregate's first request) arrived
     ts_iso TEXT NOT NULL,           -- the same, UTC ISO 8601
     endpoint TEXT NOT NULL,
     key_id TEXT,                    -- NULL when no valid key was presented
-    status INTEGER NOT NULL,        -- HTTP status
-    outcome TEXT NOT NULL,          -- ok, malformed, truncated, no_final, cancelled, or an error code
+    status INTEGER NOT NULL,        -- HTTP status (for a stream: 200, or the status of its error event)
+    outcome TEXT NOT NULL,          -- ok, malformed, truncated, no_final, withheld, cancelled, or an error code
     stream INTEGER NOT NULL,
-    thinking_sha256 TEXT,
+    thinking_hmac TEXT,             -- HMAC-SHA256 of the thinking under the server's key; NULL when digests are off
     final_chars INTEGER,
     prompt_tokens INTEGER,
-    completion_tokens INTEGER,
+    completion_tokens INTEGER,      -- every generated token, thinking included
     finish_reason TEXT,
-    latency_ms REAL NOT NULL,
-    generation_text TEXT            -- raw generation, thinking included: only with --audit-store-thinking
+    latency_ms REAL NOT NULL,       -- for an aggregate: the mean
+    generation_text TEXT,           -- raw generation, thinking included: only with --audit-store-thinking
+    count INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY CHECK (id = 1), ts REAL NOT NULL);
 """
+_ADDED = {"thinking_hmac": "TEXT", "count": "INTEGER NOT NULL DEFAULT 1"}  # columns that 0.2 tables lack
+
+
+class AuditError(RuntimeError):
+    """The audit DB cannot be used; the message names the path and the cause, on one line."""
 
 
 @dataclass
@@ -54,27 +70,99 @@ class AuditRow:
     latency_ms: float
     key_id: str | None = None
     stream: bool = False
-    thinking_sha256: str | None = None
+    thinking_hmac: str | None = None
     final_chars: int | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
     generation_text: str | None = None
+    count: int = 1
+
+
+AUDIT_COLUMNS = (*AuditRow.__dataclass_fields__, "ts_iso")
+
+
+def _cause(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class AuditLog:
     """Append-only SQLite audit table; `write` commits before it returns."""
 
-    def __init__(self, path: str | Path, store_thinking: bool = False) -> None:
+    def __init__(self, path: str | Path, store_thinking: bool = False, busy_timeout: float = 5.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.store_thinking = store_thinking
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
         self.rows_written = 0
+        self.healthy = True
+        self.last_error = ""
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int, str], list[float]] = {}  # (endpoint, status, outcome) -> [n, ts, sum ms]
+        self._db: sqlite3.Connection | None = None
+        try:
+            if self.path.is_dir():
+                raise IsADirectoryError("it is a directory")
+            for parent in self.path.parents:
+                if parent.exists() and not parent.is_dir():
+                    raise NotADirectoryError(f"{parent} is a file, not a folder")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                       timeout=busy_timeout)
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"cannot use WAL journaling here (got {mode})")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._check_table()
+            self._db.executescript(_SCHEMA)
+            self._probe()
+        except (AuditError, OSError, sqlite3.Error) as exc:
+            if self._db is not None:
+                self._db.close()
+            if isinstance(exc, AuditError):
+                raise
+            cause = _cause(exc)
+            if "unable to open" in cause:  # SQLite does not say why: ask the OS
+                try:
+                    with open(self.path, "ab"):
+                        pass
+                except OSError as os_exc:
+                    cause += f" ({os_exc.strerror or type(os_exc).__name__})"
+            raise AuditError(f"audit DB {self.path}: {cause}") from None
+
+    @classmethod
+    def open(cls, path: str | Path, store_thinking: bool = False, busy_timeout: float = 5.0) -> AuditLog:
+        """`AuditLog(...)`: open and check the DB, or raise `AuditError` naming the path and the cause."""
+        return cls(path, store_thinking, busy_timeout)
+
+    def _check_table(self) -> None:
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(audit)")}
+        if not cols:
+            return
+        missing = set(AUDIT_COLUMNS) - cols
+        if missing - set(_ADDED):
+            raise AuditError(f"audit DB {self.path}: its table 'audit' is not an so8t_hf audit table (no columns "
+                             f"{sorted(missing - set(_ADDED))}); use another file")
+        for name in sorted(missing):
+            self._db.execute(f"ALTER TABLE audit ADD COLUMN {name} {_ADDED[name]}")
+
+    def _probe(self) -> None:
+        self._db.execute("INSERT OR REPLACE INTO audit_probe (id, ts) VALUES (1, ?)", (time.time(),))
+
+    def _failed(self, exc: BaseException) -> None:
+        self.healthy, self.last_error = False, type(exc).__name__
+
+    def probe(self) -> bool:
+        """Commit a probe write (outside the audit table); True and healthy again when it succeeds."""
+        with self._lock:
+            try:
+                if self._db is None:
+                    raise RuntimeError("audit log is closed")
+                self._probe()
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc)
+                return False
+            self.healthy = True
+            return True
 
     def write(self, row: AuditRow) -> None:
         values = asdict(row)
@@ -85,17 +173,57 @@ class AuditLog:
         cols = ", ".join(values)
         marks = ", ".join(f":{k}" for k in values)
         with self._lock:
-            if self._db is None:
-                raise RuntimeError("audit log is closed")
-            self._db.execute(f"INSERT INTO audit ({cols}) VALUES ({marks})", values)  # autocommit
+            try:
+                if self._db is None:
+                    raise RuntimeError("audit log is closed")
+                self._db.execute(f"INSERT INTO audit ({cols}) VALUES ({marks})", values)  # autocommit
+            except Exception as exc:
+                self._failed(exc)
+                raise
+            self.healthy = True
             self.rows_written += 1
 
+    def count_unauthenticated(self, endpoint: str, status: int, outcome: str, ts: float, latency_ms: float) -> None:
+        """Count one unauthenticated failure; `flush` writes the counts as aggregate rows."""
+        with self._lock:
+            entry = self._pending.setdefault((endpoint, status, outcome), [0, ts, 0.0])
+            entry[0] += 1
+            entry[2] += latency_ms
+
+    @property
+    def pending(self) -> int:
+        """Unauthenticated failures counted but not yet committed."""
+        with self._lock:
+            return int(sum(e[0] for e in self._pending.values()))
+
+    def flush(self) -> int:
+        """Commit the pending counts (one row per endpoint, status and outcome); returns the requests committed.
+        Counts whose row cannot be written stay pending."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        done = 0
+        for (endpoint, status, outcome), (n, ts, total) in pending.items():
+            row = AuditRow(f"agg-{uuid.uuid4().hex}", ts, endpoint, status, outcome, total / n, count=int(n))
+            try:
+                self.write(row)
+                done += int(n)
+            except Exception:  # noqa: BLE001 - kept for the next flush; write() marked the log unhealthy
+                with self._lock:
+                    entry = self._pending.setdefault((endpoint, status, outcome), [0, ts, 0.0])
+                    entry[0] += n
+                    entry[1] = min(entry[1], ts)
+                    entry[2] += total
+        return done
+
     def close(self) -> None:
+        self.flush()
         with self._lock:
             if self._db is not None:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._db.close()
-                self._db = None
+                try:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    self._db.close()
+                    self._db = None
 
 
 class Metrics:
@@ -140,7 +268,8 @@ class Metrics:
             return {q: 0.0 for q in self.QUANTILES}
         return {q: lat[min(len(lat) - 1, int(q * len(lat)))] for q in self.QUANTILES}
 
-    def prometheus(self, queue_depth: int, active: int, max_queue: int, audit_rows: int) -> str:
+    def prometheus(self, queue_depth: int, active: int, max_queue: int, audit_rows: int, audit_ok: bool = True,
+                   audit_pending: int = 0) -> str:
         """Prometheus text exposition format (version 0.0.4)."""
         out = ["# HELP so8t_requests_total API requests by endpoint and outcome.",
                "# TYPE so8t_requests_total counter"]
@@ -164,6 +293,9 @@ class Metrics:
             ("so8t_prompt_tokens_total", "counter", ptok, "Prompt tokens of generated requests."),
             ("so8t_completion_tokens_total", "counter", ctok, "Generated tokens."),
             ("so8t_audit_rows_total", "counter", audit_rows, "Audit rows committed by this process."),
+            ("so8t_audit_ok", "gauge", int(audit_ok), "1 while audit writes succeed."),
+            ("so8t_audit_pending_unauthenticated", "gauge", audit_pending,
+             "Unauthenticated failures counted but not yet in an aggregate audit row."),
         ):
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(out) + "\n"

@@ -1,23 +1,32 @@
-"""Bearer API keys: stored as SHA-256 digests, revocable, loaded from flags or a keys file.
+"""Bearer API keys: stored as SHA-256 digests, revocable, from a keys file, an environment variable or flags.
 
-Keys file (`--api-keys-file`), one key per line; blank lines and `#` comments are ignored:
+Entries, one per line of a keys file (`--api-keys-file`; blank lines and `#` comments ignored), or
+separated by whitespace in `$SO8T_API_KEYS`:
 
     key_id:secret              a key given in clear (hashed on load, never kept in memory)
-    key_id:sha256=<64 hex>     the same key given by the SHA-256 hex digest of its secret
+    key_id:sha256=<64 hex>     the same key given by the SHA-256 hex digest of its secret's UTF-8 bytes
     key_id:<either>:revoked    a revoked key: its bearer gets 403 instead of 401
 
-`key_id` is a name for logs and the audit DB ([A-Za-z0-9_.-], at most 64 characters); secrets
-contain no `:` or whitespace. `--api-key` takes `key_id:secret` or a bare secret (its key id is
-then `key-` + the first 8 hex digits of its digest). The file is re-read when its modification
-time changes (checked at most once a second), so revoking a key needs no restart.
+`key_id` is a name for logs and the audit DB ([A-Za-z0-9_.-], at most 64 characters). A secret has at
+least `MIN_SECRET_CHARS` characters, no `:`, whitespace or control characters; any other Unicode is fine:
+it is compared as the UTF-8 bytes a client sends (HTTP header bytes, which starlette hands over as
+Latin-1 text). `--api-key` takes `key_id:secret` or a bare secret (key id `key-` + 8 hex digits of its
+digest); a secret on the command line is visible in `ps`, so the server warns about it.
 
-Limits: the secret's SHA-256 is looked up in a dict (the digest, not the secret, is what timing
-could reveal); no rate limiting per key; no key scopes.
+Reloading: the keys file is checked at most once a second and re-read when its inode, size or
+modification time changes. Each line stands alone: a bad line is logged with `file:line` and grants
+nothing, the others take effect, so a revoked or removed key stops working at the next check whatever
+else the file holds. A deleted file means no keys from it (logged). Start-up is strict: any bad entry
+is an error that names its source and line.
+
+Limits: the secret's SHA-256 is looked up in a dict (the digest, not the secret, is what timing could
+reveal); no rate limiting per key; no key scopes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -25,15 +34,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AuthError", "KeyRecord", "KeyStore", "hash_secret", "parse_key_line"]
+__all__ = ["ENV_KEYS", "MIN_SECRET_CHARS", "AuthError", "KeyRecord", "KeyStore", "hash_secret", "parse_key_line"]
 
+logger = logging.getLogger("so8t_hf.serve")
+
+ENV_KEYS = "SO8T_API_KEYS"
+MIN_SECRET_CHARS = 16
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
+_HOW = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
 
 
-def hash_secret(secret: str) -> str:
-    """SHA-256 hex digest of an API key secret."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+def hash_secret(secret: str | bytes) -> str:
+    """SHA-256 hex digest of an API key secret (of its UTF-8 bytes when given as text)."""
+    return hashlib.sha256(secret.encode("utf-8") if isinstance(secret, str) else secret).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -44,11 +58,19 @@ class KeyRecord:
 
 
 class AuthError(Exception):
-    """401 (missing or unknown key) or 403 (revoked key); the message names no secret."""
+    """400 (two Authorization headers), 401 (missing or unknown key) or 403 (revoked key); names no secret."""
 
     def __init__(self, status: int, code: str, message: str, key_id: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.key_id = status, code, key_id
+
+
+def _check_secret(secret: str, where: str, key_id: str) -> None:
+    if not secret or any(c.isspace() or not c.isprintable() for c in secret):
+        raise ValueError(f"{where}: empty secret, or whitespace or control characters in the secret of key {key_id!r}")
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ValueError(f"{where}: the secret of key {key_id!r} has {len(secret)} characters; use at least "
+                         f"{MIN_SECRET_CHARS} ({_HOW})")
 
 
 def parse_key_line(line: str, where: str = "--api-key", allow_bare: bool = False) -> KeyRecord:
@@ -56,6 +78,7 @@ def parse_key_line(line: str, where: str = "--api-key", allow_bare: bool = False
     parts = line.strip().split(":")
     if allow_bare and len(parts) == 1 and parts[0]:
         digest = hash_secret(parts[0])
+        _check_secret(parts[0], where, f"key-{digest[:8]}")
         return KeyRecord(f"key-{digest[:8]}", digest)
     revoked = len(parts) == 3 and parts[2] == "revoked"
     if len(parts) not in (2, 3) or (len(parts) == 3 and not revoked):
@@ -63,74 +86,118 @@ def parse_key_line(line: str, where: str = "--api-key", allow_bare: bool = False
     key_id, secret = parts[0], parts[1]
     if not _ID_RE.fullmatch(key_id):
         raise ValueError(f"{where}: key id must be 1-64 of [A-Za-z0-9_.-]")
-    if not secret or any(c.isspace() for c in secret):
-        raise ValueError(f"{where}: empty secret or whitespace in the secret of key {key_id!r}")
     if secret.startswith("sha256="):
         digest = secret[len("sha256="):].lower()
         if not _HEX_RE.fullmatch(digest):
             raise ValueError(f"{where}: sha256= needs 64 hex digits (key {key_id!r})")
     else:
+        _check_secret(secret, where, key_id)
         digest = hash_secret(secret)
     return KeyRecord(key_id, digest, revoked)
 
 
-def _parse_file(path: Path) -> list[KeyRecord]:
+def _parse_lines(lines: list[str], source: str, strict: bool) -> list[KeyRecord]:
+    """Records of `lines` ("source:n" names each); a bad line raises when `strict`, else is logged and skipped."""
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            records.append(parse_key_line(line, f"{path}:{n}"))
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            records.append(parse_key_line(line, f"{source}:{n}"))
+        except ValueError as exc:
+            if strict:
+                raise
+            logger.error("API keys: %s; this line grants nothing until it is fixed", exc)
     return records
 
 
+def _by_digest(records: list[KeyRecord]) -> dict[str, KeyRecord]:
+    out: dict[str, KeyRecord] = {}
+    for rec in records:  # a revocation wins over a live entry with the same secret
+        old = out.get(rec.digest)
+        out[rec.digest] = rec if old is None or rec.revoked else old
+    return out
+
+
 class KeyStore:
-    """Digest -> key record, from `--api-key` entries and an optional keys file (hot re-read)."""
+    """Digest -> key record, from `--api-key` entries, `$SO8T_API_KEYS` and an optional keys file (re-read live)."""
 
-    def __init__(self, keys: list[str] | None = None, keys_file: str | os.PathLike | None = None) -> None:
-        self._static = [parse_key_line(k, allow_bare=True) for k in keys or []]
+    def __init__(self, keys: list[str] | None = None, keys_file: str | os.PathLike | None = None,
+                 env_keys: str | None = None, check_every: float = 1.0) -> None:
+        self._static = [parse_key_line(k, f"--api-key #{i + 1}", allow_bare=True) for i, k in enumerate(keys or [])]
+        self._static += _parse_lines((env_keys or "").split(), f"${ENV_KEYS} entry", strict=True)
         self._file = Path(keys_file) if keys_file else None
-        self._mtime: float | None = None
-        self._checked = 0.0
+        self._check_every = check_every
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = time.monotonic()
         self._lock = threading.Lock()
-        self._by_digest: dict[str, KeyRecord] = {}
-        self._load()
-        if not self._by_digest:
-            raise ValueError("no API keys: give --api-key or a non-empty --api-keys-file")
-
-    def _load(self) -> None:
-        records = list(self._static)
+        self._file_records: list[KeyRecord] = []
         if self._file is not None:
-            self._mtime = self._file.stat().st_mtime
-            records += _parse_file(self._file)
-        by_digest: dict[str, KeyRecord] = {}
-        for rec in records:  # a revocation wins over a live entry with the same secret
-            old = by_digest.get(rec.digest)
-            by_digest[rec.digest] = rec if old is None or rec.revoked else old
-        self._by_digest = by_digest
+            self._stamp = self._stat()
+            self._file_records = _parse_lines(self._read(), str(self._file), strict=True)
+        self._by_digest = _by_digest(self._static + self._file_records)
+        if not self._by_digest:
+            raise ValueError(f"no API keys: give --api-keys-file, ${ENV_KEYS} or --api-key")
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = self._file.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _read(self) -> list[str]:
+        return self._file.read_text(encoding="utf-8").splitlines()
 
     def _maybe_reload(self) -> None:
-        if self._file is None or time.monotonic() - self._checked < 1.0:
+        if self._file is None or time.monotonic() - self._checked < self._check_every:
             return
         with self._lock:
             self._checked = time.monotonic()
             try:
-                if self._file.stat().st_mtime != self._mtime:
-                    self._load()
-            except (OSError, ValueError):  # keep the last good keys; a broken file must not open the door
-                pass
+                stamp = self._stat()
+            except FileNotFoundError:
+                if self._stamp is not None:
+                    logger.warning("API keys file %s is gone: its keys no longer authenticate", self._file)
+                self._stamp, self._file_records = None, []
+                self._by_digest = _by_digest(self._static)
+                return
+            except OSError as exc:
+                logger.error("API keys file %s cannot be read (%s): its keys no longer authenticate",
+                             self._file, type(exc).__name__)
+                self._stamp, self._file_records = None, []
+                self._by_digest = _by_digest(self._static)
+                return
+            if stamp == self._stamp:
+                return
+            try:
+                records = _parse_lines(self._read(), str(self._file), strict=False)
+            except (OSError, UnicodeDecodeError) as exc:
+                logger.error("API keys file %s cannot be read (%s): its keys no longer authenticate",
+                             self._file, type(exc).__name__)
+                records = []
+            self._stamp, self._file_records = stamp, records
+            self._by_digest = _by_digest(self._static + records)
+            logger.info("API keys file %s re-read: %d entries", self._file, len(records))
 
     def __len__(self) -> int:
         return len(self._by_digest)
 
-    def authenticate(self, authorization: str | None) -> KeyRecord:
-        """The key record of an `Authorization: Bearer <secret>` header, or raise `AuthError`."""
+    def authenticate(self, authorization: str | list[str] | None) -> KeyRecord:
+        """The key record of an `Authorization: Bearer <secret>` header (or the list of such headers), or
+        raise `AuthError`. A header value is taken as starlette gives it: its bytes decoded as Latin-1."""
         self._maybe_reload()
-        if not authorization:
+        values = [authorization] if isinstance(authorization, str) else list(authorization or [])
+        if len(values) > 1:
+            raise AuthError(400, "duplicate_authorization", "send exactly one Authorization header")
+        if not values or not values[0]:
             raise AuthError(401, "missing_api_key", "send Authorization: Bearer <api key>")
-        scheme, _, secret = authorization.strip().partition(" ")
+        scheme, _, secret = values[0].strip().partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
             raise AuthError(401, "invalid_authorization", "the Authorization header must be 'Bearer <api key>'")
-        rec = self._by_digest.get(hash_secret(secret))
+        try:
+            raw = secret.encode("latin-1")  # the bytes the client sent
+        except UnicodeEncodeError:  # not from a socket (a test client passing text): its UTF-8 bytes
+            raw = secret.encode("utf-8")
+        rec = self._by_digest.get(hash_secret(raw))
         if rec is None:
             raise AuthError(401, "invalid_api_key", "unknown API key")
         if rec.revoked:

@@ -1,9 +1,12 @@
 """`so8t-hf serve` / `python -m so8t_hf.serve`: run the /think service with uvicorn.
 
-What: loads the model, then serves `create_app` on one pre-bound socket (so `--port 0` picks a
-free port, printed as `listening on http://HOST:PORT`). SIGTERM / SIGINT use uvicorn's graceful
-shutdown: no new connections, in-flight requests (streams included) finish and are audited, the
-workers stop, the audit DB is checkpointed and closed, and the process exits 0.
+What: checks the keys, the digest key and the audit DB first (each problem is one line naming its
+source, exit 2, before any model is loaded), then loads the model and serves `create_app` on one
+pre-bound socket (so `--port 0` picks a free port, printed as `listening on http://HOST:PORT`).
+SIGTERM / SIGINT: no new connections; in-flight requests (streams included) get `--graceful-timeout`
+seconds to finish, then every one still running ends as a JSON 503 `shutting_down` (or an SSE
+`error` event) with its request id and an audit row with that status; the workers stop, the audit
+DB is flushed, checkpointed and closed, and the process exits 0.
 
 Limits: one process (uvicorn `workers` > 1 would load the model once per process and need one
 audit DB each); TLS is left to a reverse proxy.
@@ -12,7 +15,9 @@ audit DB each); TLS is left to a reverse proxy.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -23,28 +28,37 @@ __all__ = ["add_serve_subparser", "build_parser", "main", "run_serve"]
 
 logger = logging.getLogger("so8t_hf.serve")
 
+DIGEST_KEY_ENV = "SO8T_THINKING_DIGEST_KEY"
 DESCRIPTION = "Serve a thinking model: final answers only, Bearer API keys, SQLite audit log."
 EPILOG = """\
 endpoints:
   POST /think                 {"messages": [{"role", "content"}...]} or {"query": "..."}, with optional
-                              max_new_tokens, temperature (0 = greedy), top_p, stream (SSE).
-                              -> {"final", "thinking_sha256", "usage", "request_id", "finish_reason", "outcome"}
-                              ("final" is "" when the generation has no final answer: outcome no_final)
-  POST /v1/chat/completions   OpenAI-compatible (content = the final answer only; stream supported)
-  GET  /healthz, GET /metrics (Prometheus text; no key needed)
+                              max_new_tokens, temperature (0 = greedy; below 0.001 greedy too), top_p,
+                              stream (SSE). -> {"final", "usage", "request_id", "finish_reason", "outcome"}
+                              ("final" is "" when the generation has no final answer, outcome no_final, or
+                              when it is withheld, outcome withheld: fail closed, see README)
+  POST /v1/chat/completions   OpenAI-compatible (content = the final answer only; stream supported;
+                              finish_reason content_filter when the final is withheld)
+  GET  /healthz (503 while the audit DB fails or the workers stopped), GET /metrics (Prometheus text)
 
-API keys (send "Authorization: Bearer <secret>"): --api-key takes key_id:secret or a bare secret
-(repeatable). --api-keys-file holds one key per line ('#' comments and blank lines ignored):
+API keys (send "Authorization: Bearer <secret>"; secrets of at least 16 characters, UTF-8 welcome):
+put them in --api-keys-file or in $SO8T_API_KEYS (entries separated by whitespace), one entry each:
   key_id:secret                  a key in clear (hashed with SHA-256 on load)
   key_id:sha256=<64 hex digits>  the same key by the SHA-256 of its secret (printf %s SECRET | sha256sum)
   key_id:<secret or sha256=...>:revoked
                                  a revoked key: 403 instead of 401
-The file is re-read when it changes (within a second), so keys can be added or revoked live.
-Key ids are 1-64 of [A-Za-z0-9_.-]; secrets contain no ':' or whitespace.
+The file is re-read when it changes (checked every second): a bad line is logged with file:line and
+grants nothing, a revoked or removed key stops working, a deleted file removes its keys.
+--api-key KEY also works but puts the secret in the process list (warned).
+
+Thinking digests (off by default): --thinking-digest audit stores an HMAC-SHA256 of the thinking in the
+audit DB, --thinking-digest response also returns it as "thinking_hmac"; the key comes from
+--thinking-digest-key-file or $SO8T_THINKING_DIGEST_KEY (at least 32 bytes).
 
 limits give 4xx JSON errors {"error": {"type", "message", "request_id"}}: 413 body too large,
-400 invalid JSON, 422 invalid request / too many messages / too many input tokens /
-max_new_tokens over the cap; 503 with Retry-After when the queue is full.
+408 body too slow, 400 invalid JSON or two Authorization headers, 422 invalid request / too many
+messages / too many input tokens / max_new_tokens over the cap / role, special or tag tokens in the
+content; 503 with Retry-After when the queue is full.
 """
 
 
@@ -59,12 +73,23 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="saved model directory (with tokenizer; remote code is trusted)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default 8000)")
+    p.add_argument("--api-keys-file", metavar="FILE", help="API keys file (format below); or set $SO8T_API_KEYS")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="an API key, key_id:secret or a bare secret (repeatable)")
-    p.add_argument("--api-keys-file", metavar="FILE", help="API keys file (format below)")
+                   help="an API key, key_id:secret or a bare secret (repeatable; visible in ps: prefer the file)")
     p.add_argument("--audit-db", required=True, metavar="PATH", help="SQLite audit database (created if missing)")
     p.add_argument("--audit-store-thinking", action="store_true",
                    help="also store the raw generation, thinking included, in the audit DB (off by default)")
+    p.add_argument("--audit-busy-timeout", type=float, default=5.0,
+                   help="seconds an audit write waits for a locked DB before the request fails (5)")
+    p.add_argument("--audit-aggregate-seconds", type=float, default=10.0,
+                   help="flush interval of the aggregate rows of unauthenticated failures (10)")
+    p.add_argument("--thinking-digest", default="off", choices=["off", "audit", "response"],
+                   help="HMAC of the thinking: off (default), in the audit DB, or also in responses")
+    p.add_argument("--thinking-digest-key-file", metavar="FILE",
+                   help=f"secret key of the thinking HMAC (or ${DIGEST_KEY_ENV})")
+    p.add_argument("--usage-counts-thinking", action="store_true",
+                   help="usage.completion_tokens counts thinking tokens too (reveals the thinking's length)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request body (30)")
     p.add_argument("--max-queue", type=_positive, default=16, help="requests waiting for generation before 503 (16)")
     p.add_argument("--max-new-tokens-cap", type=_positive, default=512, help="largest max_new_tokens accepted (512)")
     p.add_argument("--default-max-new-tokens", type=_positive, default=256,
@@ -83,7 +108,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve the SO8T model as is instead of burning its SO(8) rotations into o_proj (same logits)")
     p.add_argument("--model-name", default=None, help="model name reported by the OpenAI route (the directory name)")
     p.add_argument("--graceful-timeout", type=float, default=120.0,
-                   help="seconds to wait for in-flight requests on SIGTERM before cancelling them (120)")
+                   help="seconds in-flight requests get on SIGTERM before they end with 503 (120)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="turn off uvicorn's access log")
 
@@ -113,36 +138,78 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _digest_key(args: argparse.Namespace) -> bytes | None:
+    if args.thinking_digest == "off":
+        return None
+    if args.thinking_digest_key_file:
+        with open(args.thinking_digest_key_file, "rb") as fh:
+            key = fh.read().strip()
+        where = args.thinking_digest_key_file
+    else:
+        key, where = os.environ.get(DIGEST_KEY_ENV, "").strip().encode("utf-8"), f"${DIGEST_KEY_ENV}"
+    if len(key) < 32:
+        raise ValueError(f"--thinking-digest {args.thinking_digest} needs a secret key of at least 32 bytes in "
+                         f"--thinking-digest-key-file or ${DIGEST_KEY_ENV} ({where}: {len(key)} bytes)")
+    return key
+
+
+def _server_class():
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn's graceful shutdown, with our own deadline: when `grace` seconds have passed, the app's drain
+        answers what is still in flight (503 / SSE error) before uvicorn would cancel it (a plain-text 500)."""
+
+        def __init__(self, config, drain, grace: float) -> None:
+            super().__init__(config)
+            self._drain, self._grace = drain, grace
+
+        async def shutdown(self, sockets=None) -> None:
+            timer = asyncio.get_running_loop().call_later(self._grace, self._drain)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return _Server
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Load, bind, serve until SIGTERM/SIGINT; returns the exit status."""
+    """Check keys and audit DB, load, bind, serve until SIGTERM/SIGINT; returns the exit status."""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(args.log_level.upper())
     import uvicorn
 
-    from so8t_hf.inference.loader import load_for_inference
     from so8t_hf.serve.app import ServeSettings, create_app
-    from so8t_hf.serve.audit import AuditLog
-    from so8t_hf.serve.auth import KeyStore
-    from so8t_hf.serve.engine import GenerationEngine
+    from so8t_hf.serve.audit import AuditError, AuditLog
+    from so8t_hf.serve.auth import ENV_KEYS, KeyStore
     from so8t_hf.thinking import get_tag_preset
 
     try:
-        keys = KeyStore(args.api_key, args.api_keys_file)
+        keys = KeyStore(args.api_key, args.api_keys_file, os.environ.get(ENV_KEYS))
         tags = get_tag_preset(args.tags)
-    except (OSError, ValueError) as exc:
+        digest_key = _digest_key(args)
+        audit = AuditLog.open(args.audit_db, args.audit_store_thinking, args.audit_busy_timeout)
+    except (OSError, ValueError, AuditError) as exc:
         print(f"so8t-hf serve: error: {exc}", file=sys.stderr)
         return 2
+    if any("sha256=" not in k for k in args.api_key):
+        logger.warning("--api-key puts secrets on the command line, where other users see them (ps, /proc/PID/"
+                       "cmdline): use --api-keys-file or $%s", ENV_KEYS)
     settings = ServeSettings(args.max_new_tokens_cap, args.default_max_new_tokens, args.max_body_bytes,
-                             args.max_messages, args.max_input_tokens)
+                             args.max_messages, args.max_input_tokens, args.body_timeout, args.thinking_digest,
+                             args.usage_counts_thinking, args.audit_aggregate_seconds)
     if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)
+    from so8t_hf.inference.loader import load_for_inference
+    from so8t_hf.serve.engine import GenerationEngine
+
     model, tokenizer = load_for_inference(args.model, args.device, args.dtype, merge_rotations=not args.no_merge_rotations)
     name = args.model_name or args.model.rstrip("/").split("/")[-1]
-    engine = GenerationEngine(model, tokenizer, tags, args.max_queue, args.workers, name)
-    audit = AuditLog(args.audit_db, store_thinking=args.audit_store_thinking)
+    engine = GenerationEngine(model, tokenizer, tags, args.max_queue, args.workers, name, digest_key)
     app = create_app(engine, keys, audit, settings)
     if args.host not in ("127.0.0.1", "::1", "localhost"):
         logger.warning("binding to %s, not loopback: put a TLS-terminating proxy in front (keys travel in headers)",
@@ -150,10 +217,11 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=not args.no_access_log,
-                            timeout_graceful_shutdown=args.graceful_timeout, lifespan="on")
-    server = uvicorn.Server(config)
-    logger.info("model %s loaded (%d API keys, audit %s%s); listening on http://%s:%d", name, len(keys),
-                args.audit_db, ", storing thinking" if args.audit_store_thinking else "", host, port)
+                            timeout_graceful_shutdown=args.graceful_timeout + 30, lifespan="on")
+    server = _server_class()(config, app.state.drain, args.graceful_timeout)
+    logger.info("model %s loaded (%d API keys, audit %s%s, thinking digest %s); listening on http://%s:%d", name,
+                len(keys), args.audit_db, ", storing thinking" if args.audit_store_thinking else "",
+                args.thinking_digest, host, port)
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it handled: make that a no-op
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])

@@ -2,30 +2,33 @@
 
 What:
 - `GenerationEngine`: requests wait in a bounded queue (`submit` raises `QueueFull` when it holds
-  `max_queue` jobs) and are generated one at a time per worker thread with `model.generate`.
-  Generation stops at the end-of-turn tokens, at `max_new_tokens`, when the first final answer
-  is closed, or when the job is cancelled (client gone).
-- `visible_final_prefix(text)`: the streaming hold-back rule. Only text that `extract_final`
-  shows for the text so far AND that no continuation can turn into thinking is streamed:
-  everything from the last `<` that has no `>` after it is held back (it may still become a
-  thinking tag, a final tag or a special), then `extract_final` is applied (it drops any thinking
-  region and anything unterminated) and trailing whitespace and incomplete UTF-8 (U+FFFD) wait.
-  Tags are lexed left to right, and a `<` followed by a `<` or `>` is already decided, so the
-  result only ever grows by appending; the last delta is `extract_final(full text)` minus what
-  was sent.
+  `max_queue` jobs, with a Retry-After measured from the recent jobs' service time) and are generated
+  one at a time per worker thread with `model.generate`. Generation stops at the end-of-turn tokens,
+  at `max_new_tokens`, when the first final answer is closed, or when the job is cancelled (client
+  gone, or shutdown: `drain`).
+- `encode_messages` refuses (`ForbiddenContent`) message content that the tokenizer would encode as
+  any of its added tokens: role tokens (`<|system|>`, `<|assistant|>`...), specials (`</s>`), and the
+  thinking / final tags whatever their `special` flag, so client text can never forge a turn or a tag.
+- Streaming uses `format.visible_final_prefix` (fail closed: never text a later token could turn into
+  thinking); the result uses `format.read_final` (a withheld final is "").
+- The thinking digest is an HMAC under the operator's key (`digest_key`), never a plain hash; without
+  a key there is none.
 
 Limits: batch size 1 per worker (no continuous batching); a literal `<` in an answer delays the
 stream until the next `>` or the end; thinking text never leaves this module except through
-`GenResult.text`, which the app only writes to the audit DB under `--audit-store-thinking`.
+`GenResult.text`, which the app only writes to the audit DB under `--audit-store-thinking`. The time
+a request takes still says how long its thinking was (a timing side channel this service does not hide).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,38 +38,30 @@ from transformers import GenerationConfig, StoppingCriteria
 from so8t_hf.inference.generation import prompt_ids, sampling_kwargs, stop_token_ids
 from so8t_hf.thinking.format import (
     DEFAULT_TAGS,
-    TURN_END_TOKENS,
     ThinkingTags,
-    extract_final,
+    final_is_closed,
     find_thinking_problems,
+    read_final,
     thinking_hash,
+    visible_final_prefix,
 )
+from so8t_hf.thinking.lexer import until_turn_end
 
-__all__ = ["GenParams", "GenResult", "GenerationEngine", "Job", "QueueFull", "final_is_closed", "visible_final_prefix"]
+__all__ = ["GREEDY_BELOW", "ForbiddenContent", "GenParams", "GenResult", "GenerationEngine", "Job", "QueueFull",
+           "final_is_closed", "visible_final_prefix"]
 
 logger = logging.getLogger("so8t_hf.serve")
 
-
-def visible_final_prefix(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> str:
-    """What may be streamed of a partial generation: a prefix of `extract_final` of every continuation."""
-    text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence at the end decodes to U+FFFD
-    lt = text.rfind("<")
-    if lt >= 0 and ">" not in text[lt:]:
-        text = text[:lt]
-    return extract_final(text, tags)
+GREEDY_BELOW = 1e-3  # a temperature under this samples like greedy decoding (and 1e-300 would overflow): greedy
 
 
-def final_is_closed(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> bool:
-    """True when `text` ends with the tag that closes the first final, so generation can stop.
+class ForbiddenContent(ValueError):
+    """Message content holds text the tokenizer encodes as a control token (a role token, a special, a tag)."""
 
-    Probed with extra text: the final was open before the closing tag, and now neither the final
-    nor the thinking would take more text (a `</final>` inside thinking does not stop).
-    """
-    probe = " probe"
-    before = text[: text.rfind(f"</{tags.final}>")]
-    return (extract_final(before + probe, tags) != extract_final(before, tags)
-            and extract_final(text + probe, tags) == extract_final(text, tags)
-            and thinking_hash(text + probe, tags) == thinking_hash(text, tags))
+    def __init__(self, index: int, token: str) -> None:
+        super().__init__(f"messages[{index}].content contains {token!r}, which this model's tokenizer encodes as a "
+                         "control token (a role, special or thinking tag); remove it")
+        self.index, self.token = index, token
 
 
 class QueueFull(Exception):
@@ -86,10 +81,12 @@ class GenParams:
 
 @dataclass
 class GenResult:
-    final: str
-    thinking_sha256: str
+    final: str  # what the user may see ("" when there is none or it is withheld)
+    status: str  # read_final's: "final" | "no_final" | "withheld"
+    thinking_hmac: str | None  # HMAC-SHA256 of the thinking under the server's key; None when digests are off
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # every generated token, thinking included
+    final_tokens: int  # tokens of the final shown (what `usage` reports unless the operator asks for all)
     finish_reason: str  # "stop" | "length" | "cancelled"
     well_formed: bool
     text: str = field(repr=False)  # raw generation, thinking included: audit DB only, never returned
@@ -98,6 +95,8 @@ class GenResult:
     def outcome(self) -> str:
         if self.finish_reason == "cancelled":
             return "cancelled"
+        if self.status == "withheld":
+            return "withheld"
         if not self.final:
             return "no_final"
         if self.finish_reason == "length":
@@ -116,6 +115,8 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancel = threading.Event()
+        self.failed = False
+        self._fail_lock = threading.Lock()
         self.sent = ""  # final text already streamed
 
     def emit(self, kind: str, value: Any) -> None:
@@ -123,6 +124,15 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
+
+    def fail(self, reason: str) -> None:
+        """End the job with an error event (once) and stop its generation at the next token."""
+        with self._fail_lock:
+            if self.failed:
+                return
+            self.failed = True
+        self.cancel.set()
+        self.emit("error", reason)
 
 
 class _StepHook(StoppingCriteria):
@@ -148,33 +158,50 @@ class GenerationEngine:
     """A bounded queue of generation jobs served by `workers` threads sharing one model."""
 
     def __init__(self, model: Any, tokenizer: Any, tags: ThinkingTags = DEFAULT_TAGS, max_queue: int = 16,
-                 workers: int = 1, model_name: str = "so8t") -> None:
+                 workers: int = 1, model_name: str = "so8t", digest_key: bytes | None = None) -> None:
         self.model, self.tokenizer, self.tags = model, tokenizer, tags
         self.model_name = model_name
         self.max_queue, self.n_workers = max_queue, workers
+        self.digest_key = digest_key
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe for concurrent use
         self._threads: list[threading.Thread] = []
-        self._active = 0
+        self._running: set[Job] = set()
         self._lock = threading.Lock()
-        self._recent_s = 1.0  # moving average of the generation time of one job, for Retry-After
+        self._service_s: deque[float] = deque(maxlen=32)  # generation time of the recent jobs, for Retry-After
         self.final_close_id = tokenizer.get_vocab().get(f"</{tags.final}>")
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._control_ids = {int(i): str(t) for i, t in decoder.items()}  # every added token: roles, specials, tags
 
     # -- tokenizer ------------------------------------------------------------------------------
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt ids of a chat (chat template with the generation prompt)."""
+        """Prompt ids of a chat (chat template with the generation prompt); `ForbiddenContent` when a
+        message's content would be encoded with one of the tokenizer's added (control) tokens."""
         with self._tok_lock:
+            for i, message in enumerate(messages):
+                ids = self.tokenizer.encode(message["content"], add_special_tokens=False)
+                bad = next((t for t in ids if t in self._control_ids), None)
+                if bad is not None:
+                    raise ForbiddenContent(i, self._control_ids[bad])
             return prompt_ids(self.tokenizer, messages)
 
     def decode(self, ids: list[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    def count_tokens(self, text: str) -> int:
+        if not text:
+            return 0
+        with self._tok_lock:
+            return len(self.tokenizer.encode(text, add_special_tokens=False))
+
     # -- final / stream helpers ------------------------------------------------------------------
     def stream_delta(self, job: Job, visible: str) -> None:
+        if job.failed:
+            return
         if visible.startswith(job.sent) and len(visible) > len(job.sent):
             job.emit("delta", visible[len(job.sent) :])
             job.sent = visible
@@ -190,7 +217,16 @@ class GenerationEngine:
 
     @property
     def active(self) -> int:
-        return self._active
+        return len(self._running)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has room: the jobs ahead times the mean service time of the last 32 jobs,
+        over the workers (whole seconds, 1 to 60; 1 before any job has been measured)."""
+        if not self._service_s:
+            return 1
+        mean = sum(self._service_s) / len(self._service_s)
+        ahead = self.queue_depth + self.active
+        return max(1, min(60, math.ceil(mean * ahead / max(1, self.n_workers))))
 
     def start(self) -> None:
         for i in range(self.n_workers):
@@ -203,18 +239,30 @@ class GenerationEngine:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            wait = self._recent_s * (self.max_queue + self._active) / max(1, self.n_workers)
-            raise QueueFull(max(1, min(60, int(wait + 0.999)))) from None
+            raise QueueFull(self.retry_after()) from None
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running jobs, fail the waiting ones, and join the workers."""
+    def drain(self, reason: str = "ShuttingDown") -> int:
+        """End every waiting and running job now with an error event `reason` (their requests answer 503);
+        running generations stop at their next token. Returns the number of jobs ended."""
+        ended = 0
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.emit("error", "ShuttingDown")
+                job.fail(reason)
+                ended += 1
+        with self._lock:
+            running = list(self._running)
+        for job in running:
+            job.fail(reason)
+            ended += 1
+        return ended
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fail the waiting jobs, stop the running ones at their next token, and join the workers."""
+        self.drain()
         for _ in self._threads:
             self._queue.put(None)
         for t in self._threads:
@@ -227,51 +275,51 @@ class GenerationEngine:
             if job is None:
                 return
             if job.cancel.is_set():
-                job.emit("error", "Cancelled")
+                job.fail("Cancelled")
                 continue
             with self._lock:
-                self._active += 1
+                self._running.add(job)
             t0 = time.monotonic()
             try:
-                job.emit("done", self._generate(job))
+                result = self._generate(job)
+                if not job.failed:
+                    job.emit("done", result)
             except Exception as exc:  # noqa: BLE001 - never log its message: it could quote generated text
                 logger.error("generation failed: %s", type(exc).__name__)
-                job.emit("error", type(exc).__name__)
+                job.fail(type(exc).__name__)
             finally:
                 with self._lock:
-                    self._active -= 1
-                self._recent_s = 0.8 * self._recent_s + 0.2 * (time.monotonic() - t0)
+                    self._running.discard(job)
+                self._service_s.append(time.monotonic() - t0)
 
     @torch.inference_mode()
     def _generate(self, job: Job) -> GenResult:
         p = job.params
         device = next(self.model.parameters()).device
         ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=device)
+        temperature = p.temperature if p.temperature >= GREEDY_BELOW else 0.0
         config = GenerationConfig(max_new_tokens=p.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                                  **sampling_kwargs(p.temperature, p.top_p))
+                                  **sampling_kwargs(temperature, p.top_p))
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
             stopping_criteria=[_StepHook(self, job, ids.shape[1])],
         )
         new = out[0, ids.shape[1] :].tolist()
         text = self.decode(new)
-        final = extract_final(text, self.tags)
+        reading = read_final(text, self.tags)
         if job.stream:
-            self.stream_delta(job, final)
-            if not final.startswith(job.sent):
+            self.stream_delta(job, reading.final)
+            if reading.final and not reading.final.startswith(job.sent):
                 logger.warning("stream diverged from the final answer (sent %d chars)", len(job.sent))
         if job.cancel.is_set():
             reason = "cancelled"
-        elif new and (new[-1] in self.stop_ids or final_is_closed(text, self.tags)):
+        elif new and (new[-1] in self.stop_ids or reading.closed):
             reason = "stop"
         else:
             reason = "length" if len(new) >= p.max_new_tokens else "stop"
-        body = text
-        for end in TURN_END_TOKENS:
-            cut = body.find(end)
-            body = body if cut < 0 else body[:cut]
+        digest = thinking_hash(text, self.tags, key=self.digest_key) if self.digest_key else None
         return GenResult(
-            final=final, thinking_sha256=thinking_hash(text, self.tags), prompt_tokens=len(job.prompt_ids),
-            completion_tokens=len(new), finish_reason=reason,
-            well_formed=not find_thinking_problems(body.strip(), self.tags), text=text,
+            final=reading.final, status=reading.status, thinking_hmac=digest, prompt_tokens=len(job.prompt_ids),
+            completion_tokens=len(new), final_tokens=self.count_tokens(reading.final), finish_reason=reason,
+            well_formed=not find_thinking_problems(until_turn_end(text, self.tags).strip(), self.tags), text=text,
         )

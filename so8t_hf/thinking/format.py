@@ -1,4 +1,4 @@
-"""The thinking format: tags, render, strict parse / validate, `extract_final`, `thinking_hash`.
+"""The thinking format: tags, render, strict parse / validate, fail-closed `read_final`, `thinking_hash`.
 
 What: an assistant answer is a fixed sequence of thinking sections followed by one final answer,
 
@@ -9,40 +9,55 @@ What: an assistant answer is a fixed sequence of thinking sections followed by o
 
 (one block per line, section text stripped of surrounding whitespace, no text outside the
 blocks). Only the `<final>` text is ever shown to users. Training data is checked with the strict
-parser (`find_thinking_problems` / `validate_thinking` / `parse_thinking`); model generations
-are read with the lenient, allow-list `extract_final`, which never returns thinking text.
+parser (`find_thinking_problems` / `validate_thinking` / `parse_thinking`); model generations are
+read with `read_final` / `extract_final`, an allow-list that FAILS CLOSED, and streamed with
+`visible_final_prefix`. Tags are recognised by the one lexer (`lexer`): after NFKC-style folding,
+with zero-width characters removed, confusables and bracket lookalikes mapped, and any characters
+allowed between a thinking tag's name and its `>`.
+
+The fail-closed rule: the final is WITHHELD (outcome `withheld`, shown as "") when the final region
+holds anything the lexer reads as a thinking tag (opening, closing or self-closing, exact or
+disguised), when the assembled final does, or when any thinking section is left unterminated. Its
+cost: a final that talks about the tags themselves (`use <think-task> for ...`), or prose where a `<`
+is followed by a word starting with `think`, is withheld, and a stream may already have shown the
+beginning of a final that is withheld at its end (never thinking text: see `visible_final_prefix`).
 
 Limits: pure text, no tokenizer (tokens, chat template and loss masks are in `chat_template`).
-Tags are recognised in ASCII spelling only (case and inner whitespace are tolerated, full-width
-look-alikes are not). Plain-prose thinking outside any tag cannot be recognised.
+Plain-prose thinking outside any tag cannot be recognised.
 
 Origin: the three-section safety-reasoning layout of the SO8T origin project, with its tag set
-made configurable and its answer extraction rewritten as an allow-list.
+made configurable and its answer extraction rewritten as a fail-closed allow-list (issue 14).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
+
+from .lexer import TURN_END_TOKENS, Tok, fold, lex, partial_tag_start  # relative: also shipped beside the pipeline
 
 __all__ = [
     "DEFAULT_TAGS",
     "TURN_END_TOKENS",
     "TAG_PRESETS",
+    "FinalReading",
     "ParsedThinking",
     "ThinkingFormatError",
     "ThinkingTags",
     "extract_final",
+    "final_is_closed",
     "find_thinking_problems",
     "get_tag_preset",
     "parse_thinking",
+    "read_final",
     "render_thinking",
     "thinking_hash",
     "validate_thinking",
+    "visible_final_prefix",
 ]
 
 _NAME_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
@@ -71,6 +86,11 @@ class ThinkingTags:
             raise ValueError(f"duplicate tag names or section keys in {names}")
         if self.final.startswith("think"):
             raise ValueError(f"the final tag {self.final!r} must not start with 'think' (that marks thinking)")
+        final = self.final.replace("-", "")
+        for name in self.sections:
+            if final.startswith(name.replace("-", "")):
+                raise ValueError(f"the final tag {self.final!r} starts with the section name {name!r}: "
+                                 "the lexer would read it as thinking")
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -115,62 +135,6 @@ class ThinkingFormatError(ValueError):
         super().__init__(f"{where}: " + "; ".join(self.problems))
 
 
-# ---------------------------------------------------------------------------------------------
-# Lexer shared by the strict parser and the lenient extractor.
-# A tag is `<`, optional `/`, a tag name (any configured name, or any name starting with
-# `think`), optional attributes, then `>`; a missing `>` ends the tag at the next `<` or at the
-# end of the text. Case and whitespace are tolerated. `<|...|>`, `<s>` and `</s>` are specials.
-
-TURN_END_TOKENS = ("<|end|>", "<|endoftext|>", "<|user|>", "<|system|>", "</s>")  # a generation ends at the first
-_TURN_END = frozenset(t.strip("<>|") for t in TURN_END_TOKENS)  # lexer names: end, endoftext, user, system, /s
-
-
-class _Tok(NamedTuple):
-    kind: str  # "text" | "tag" | "special"
-    start: int
-    end: int
-    raw: str
-    name: str = ""  # normalised: lowercase, no whitespace
-    closing: bool = False
-    self_closing: bool = False
-
-
-@lru_cache(maxsize=32)
-def _lexer(tags: ThinkingTags) -> re.Pattern[str]:
-    names = "|".join(re.escape(n) for n in sorted({*tags.sections, tags.final}, key=len, reverse=True))
-    return re.compile(
-        r"(?P<special><\s*\|(?P<sname>[^<>|]{0,64})\|\s*>|<\s*(?:/\s*)?s\s*>)"
-        rf"|<\s*(?:(?P<close>/)\s*)?(?P<name>{names}|think[\w.:-]*)(?=[\s/>]|<|\Z)(?P<rest>[^<>]*?)(?P<gt>>|(?=<)|\Z)",
-        re.IGNORECASE,
-    )
-
-
-def _lex(text: str, tags: ThinkingTags) -> list[_Tok]:
-    toks: list[_Tok] = []
-    pos = 0
-    for m in _lexer(tags).finditer(text):
-        if m.start() > pos:
-            toks.append(_Tok("text", pos, m.start(), text[pos : m.start()]))
-        raw = m.group(0)
-        if m.group("special"):
-            name = m.group("sname") if m.group("sname") is not None else raw[1:-1]
-            toks.append(_Tok("special", m.start(), m.end(), raw, re.sub(r"\s", "", name).lower()))
-        else:
-            rest = m.group("rest").strip()
-            toks.append(
-                _Tok("tag", m.start(), m.end(), raw, m.group("name").lower(), bool(m.group("close")),
-                     rest.endswith("/") and m.group("gt") == ">")
-            )
-        pos = m.end()
-    if pos < len(text):
-        toks.append(_Tok("text", pos, len(text), text[pos:]))
-    return toks
-
-
-def _is_thinking(name: str, tags: ThinkingTags) -> bool:
-    return name in tags.sections or name.startswith("think")
-
-
 def _snippet(text: str, limit: int = 40) -> str:
     text = " ".join(text.split())
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
@@ -187,7 +151,7 @@ def _analyse(text: str, tags: ThinkingTags) -> tuple[list[str], list[tuple[str, 
     stack: list[tuple[str, int]] = []  # (name, content start)
     opened: set[str] = set()
     known = {*tags.sections, tags.final}
-    for tok in _lex(text, tags):
+    for tok in lex(text, tags):
         if tok.kind == "text":
             if not stack and tok.raw.strip():
                 problems.append(f"text outside tags: {_snippet(tok.raw)}")
@@ -280,81 +244,132 @@ def render_thinking(sections: Mapping[str, str], final: str, tags: ThinkingTags 
 
 
 # ---------------------------------------------------------------------------------------------
-# Lenient side: model generations.
+# Lenient, fail-closed side: model generations.
 
 
-def _strip_partial_tag(text: str, tags: ThinkingTags) -> str:
-    """Drop an unfinished tag at the very end (`... </fin`, `<|en`), as a stream can end mid-tag."""
-    m = re.search(r"<\s*(?:/\s*)?(\|[^<>|]*|[\w.:-]*)\Z", text)
-    if m:
-        frag = m.group(1).lower()
-        if frag.startswith("|") or any(n.startswith(frag) for n in ("think", *tags.sections, tags.final)):
-            return text[: m.start()]
-    return text
+class FinalReading(NamedTuple):
+    """How a generation reads: the final users may see, and why it is what it is."""
+
+    final: str  # the answer to show: stripped; "" when there is none or it is withheld
+    status: str  # "final" | "no_final" | "withheld"
+    reason: str  # why it is withheld ("" otherwise)
+    draft: str  # the first final region's text so far, tags removed, unstripped ("" without one)
+    closed: bool  # the first final region was closed by its tag, outside thinking
+    regions: tuple[tuple[str, str], ...]  # thinking regions: (opening tag name, raw inner text)
 
 
-def _scan(text: str, tags: ThinkingTags) -> tuple[str | None, list[tuple[str, str]]]:
-    """The first final region's text (None if there is none) and the thinking regions.
-
-    The generation ends at the first `<|end|>`, `<|endoftext|>`, `<|user|>`, `<|system|>` or
-    `</s>`. A thinking tag (any section name or any name starting with `think`, self-closing
-    included) opens thinking that lasts until the matching number of thinking closing tags, or to
-    the end: everything inside it, final tags included, is thinking. Outside thinking, `<final>`
-    opens the final region and `</final>` ends it; other tags and specials inside it are dropped.
-    """
-    text = _strip_partial_tag(text, tags)
-    final: list[str] | None = None
-    final_done = False
-    regions: list[tuple[str, str]] = []
-    depth, opener, start = 0, "", 0
-    for tok in _lex(text, tags):
-        if tok.kind == "special" and tok.name in _TURN_END:
+def _scan(text: str, tags: ThinkingTags) -> FinalReading:
+    """Read `text` by the rules of `read_final`."""
+    toks: list[Tok] = []
+    for tok in lex(text, tags):
+        if tok.turn_end:
             text = text[: tok.start]
             break
-        thinking_tag = tok.kind == "tag" and _is_thinking(tok.name, tags)
+        toks.append(tok)
+    cut = partial_tag_start(text, tags)  # a stream or a length cut can end mid-tag: `</fin`, `<|en`, `<thi`
+    if cut is not None:
+        text = text[:cut]
+        toks = [t if t.end <= cut else t._replace(end=cut, raw=t.raw[: cut - t.start]) for t in toks if t.start < cut]
+    final: list[str] | None = None
+    closed = False
+    reason = ""
+    regions: list[tuple[str, str]] = []
+    depth, opener, start = 0, "", 0
+    for tok in toks:
+        in_final = final is not None and not closed
+        if tok.thinking and in_final and not reason:
+            reason = f"a thinking tag inside the final answer ({tok.raw!r})"
         if depth:
-            if thinking_tag:
+            if tok.thinking:
                 depth += -1 if tok.closing else 1
                 if not depth:
                     regions.append((opener, text[start : tok.start]))
             continue
-        if thinking_tag and not tok.closing:
-            depth, opener, start = 1, tok.name, tok.end
+        if tok.thinking:
+            if not tok.closing:  # a self-closing thinking tag opens thinking too: fail closed
+                depth, opener, start = 1, tok.name, tok.end
         elif final is None:
             if tok.kind == "tag" and tok.name == tags.final and not (tok.closing or tok.self_closing):
                 final = []
-        elif not final_done:
+        elif not closed:
             if tok.kind == "text":
                 final.append(tok.raw)
             elif tok.kind == "tag" and tok.name == tags.final and tok.closing:
-                final_done = True
+                closed = True
     if depth:
         regions.append((opener, text[start:]))
-    return (None if final is None else "".join(final)), regions
+        reason = reason or f"an unterminated thinking section <{opener}>"
+    draft = "".join(final or [])
+    if not reason and any(t.thinking for t in lex(draft, tags)):
+        reason = "the assembled final answer holds a thinking tag"
+    if final is None:
+        return FinalReading("", "no_final", "", "", False, tuple(regions))
+    if reason:
+        return FinalReading("", "withheld", reason, draft, closed and not depth, tuple(regions))
+    shown = draft.strip()
+    return FinalReading(shown, "final" if shown else "no_final", "", draft, closed, tuple(regions))
+
+
+def read_final(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> FinalReading:
+    """Read a generation, failing closed. Rules, in order:
+
+    - The generation ends at its first turn-end token (`TURN_END_TOKENS`); an unfinished tag at its
+      very end (`</fin`, `<|en`, `<thi`) is dropped.
+    - A thinking tag (lexer: exact or disguised, self-closing included) opens thinking that lasts
+      until the matching number of thinking closing tags, or to the end; everything inside it, final
+      tags included, is thinking.
+    - Outside thinking, the first `<final>` opens the final region and `</final>` ends it; other
+      tags and specials inside it are dropped; the first final wins.
+    - WITHHELD (status `withheld`, `final` ""): a thinking tag inside the final region, a thinking
+      tag in the final as assembled (tags dropped from `a <<final>think>` would form one), or any
+      thinking section left unterminated.
+    No final region, or an empty one, is `no_final` (never the raw text).
+    """
+    return _scan(text, tags)
 
 
 def extract_final(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> str:
-    """The user-visible answer of a generation: the first final's text, stripped; never thinking.
+    """The user-visible answer of a generation: `read_final(text).final` (stripped; "" when withheld)."""
+    return _scan(text, tags).final
 
-    Allow-list: only text inside a `<final>` region that is outside every thinking region is
-    kept (rules in `_scan`). No `<final>` gives "" (never the raw text); an unterminated final
-    runs to the end of the generation; an unterminated thinking tag hides everything after it;
-    tags and `<|...|>` specials inside the final are removed. The first final wins, because a
-    finished answer ends the turn and a streaming server can stop at the first `</final>`.
+
+def final_is_closed(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> bool:
+    """True when the first final region of `text` has been closed by its tag, outside any thinking."""
+    return _scan(text, tags).closed
+
+
+def visible_final_prefix(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> str:
+    """What may be streamed of a partial generation: final text that no continuation can turn into thinking.
+
+    Everything from the last `<` (or lookalike) that has no `>` after it is held back (it may still
+    become a tag), incomplete UTF-8 (U+FFFD) at the end waits, then the rest is read with `read_final`:
+    its final's draft with leading whitespace and trailing whitespace removed, or "" when it is
+    withheld or has no final. Folding is per character, so for a growing text the result only grows
+    by appending until the generation is withheld; the stream then stops (what was sent is a prefix
+    of the final the generation had before it was withheld, never thinking text).
     """
-    final, _ = _scan(text, tags)
-    return (final or "").strip()
+    text = text.rstrip("\ufffd")
+    f = fold(text)
+    lt = f.text.rfind("<")
+    if lt >= 0 and ">" not in f.text[lt:]:
+        text = text[: f.start(lt)]
+    reading = _scan(text, tags)
+    return "" if reading.status == "withheld" else reading.draft.strip()
 
 
-def thinking_hash(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> str:
-    """SHA-256 hex digest of the thinking part of `text`, for audit logs.
+def thinking_hash(text: str, tags: ThinkingTags = DEFAULT_TAGS, key: bytes | None = None) -> str:
+    """Hex digest of the thinking part of `text`: HMAC-SHA256 under `key`, or plain SHA-256 without one.
 
-    The thinking part is found as in `extract_final`: each top-level thinking region (from a
-    thinking opening tag to its matching close, or to the end of the generation). Its canonical
-    form is, per region in order, `<name>` + stripped raw inner text + `</name>` (name lowercased,
-    inner tags kept verbatim), joined by "\\n", encoded as UTF-8. For well-formed text this is
-    exactly the thinking lines of `render_thinking`; text without thinking hashes the empty string.
+    A plain SHA-256 of a short thinking text can be reversed by guessing (a safety verdict has few
+    likely values), so anything shown to others must use a secret `key` (the server does).
+    The thinking part is each top-level thinking region found by `read_final` (from a thinking
+    opening tag to its matching close, or to the end of the generation). Its canonical form is, per
+    region in order, `<name>` + stripped raw inner text + `</name>` (name folded, inner tags kept
+    verbatim), joined by "\\n", encoded as UTF-8. For well-formed text this is exactly the thinking
+    lines of `render_thinking`; text without thinking digests the empty string.
     """
-    _, regions = _scan(text, tags)
-    canonical = "\n".join(f"<{name}>{body.strip()}</{name}>" for name, body in regions)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    regions = _scan(text, tags).regions
+    canonical = "\n".join(f"<{name}>{body.strip()}</{name}>" for name, body in regions).encode("utf-8")
+    if key is None:
+        return hashlib.sha256(canonical).hexdigest()
+    return hmac.new(key, canonical, hashlib.sha256).hexdigest()

@@ -42,7 +42,6 @@ Phi-3 template has no other roles). Content must be plain strings (no lists of t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -54,6 +53,7 @@ from so8t_hf.thinking.format import (
     parse_thinking,
     render_thinking,
 )
+from so8t_hf.thinking.lexer import find_specials, find_tags
 
 __all__ = ["REASONING_KEYS", "ROLES", "ROW_SHAPES", "normalize_thinking_row", "row_shape"]
 
@@ -61,14 +61,6 @@ ROLES = ("system", "user", "assistant")
 ROW_SHAPES = ("structured", "output", "prompt_completion", "chat")
 REASONING_KEYS = ("reasoning_content", "thinking")  # message-level reasoning beside a plain answer
 Problem = tuple[str, str]  # (field, reason)
-
-_SPECIAL_RE = re.compile(r"<\|[^<>|\s]{1,64}\|>|<\s*/?\s*s\s*>")
-
-
-def _tag_re(tags: ThinkingTags) -> re.Pattern[str]:
-    names = "|".join(re.escape(n) for n in sorted({*tags.sections, tags.final}, key=len, reverse=True))
-    return re.compile(rf"<\s*/?\s*(?:{names}|think[\w.:-]*)(?=[\s/>]|<|\Z)[^<>]*>?", re.IGNORECASE)
-
 
 def _present(row: Mapping[str, Any], key: str) -> bool:
     return key in row and row[key] is not None
@@ -102,16 +94,20 @@ def _string(value: Any, field: str, problems: list[Problem], *, required: bool =
     return value
 
 
-def _no_specials(text: str | None, field: str, problems: list[Problem]) -> None:
-    for tok in dict.fromkeys(m.group(0) for m in _SPECIAL_RE.finditer(text or "")):
+def _no_specials(text: str | None, field: str, problems: list[Problem], tags: ThinkingTags = DEFAULT_TAGS) -> None:
+    """Prompt text must hold no special token and no tag string the tokenizer would encode as the tag's token."""
+    for tok in dict.fromkeys(find_specials(text or "", tags)):
         problems.append((field, f"contains the special token {tok!r}; remove it (the chat template adds turns)"))
+    for tag in dict.fromkeys(t for t in find_tags(text or "", tags) if t in tags.tokens):
+        problems.append((field, f"contains the tag {tag!r}; remove it (it would be encoded as the tag's token)"))
 
 
 def _plain(text: str | None, field: str, tags: ThinkingTags, problems: list[Problem]) -> None:
-    """A thinking section or final given as a field must hold no tags and no special tokens."""
-    for tag in dict.fromkeys(m.group(0) for m in _tag_re(tags).finditer(text or "")):
+    """A thinking section or final given as a field must hold no tags (exact or disguised) and no special tokens."""
+    for tag in dict.fromkeys(find_tags(text or "", tags)):
         problems.append((field, f"contains the tag {tag!r}; give plain text (tags are added when rendering)"))
-    _no_specials(text, field, problems)
+    for tok in dict.fromkeys(find_specials(text or "", tags)):
+        problems.append((field, f"contains the special token {tok!r}; remove it (the chat template adds turns)"))
 
 
 class _Options(NamedTuple):
@@ -166,13 +162,13 @@ def _answer(content: Any, reasoning: Any, field: str, reasoning_field: str, opts
         _plain(final, field, tags, problems)
         if not final.strip():
             problems.append((field, "no answer after '</think>'"))
-    elif _tag_re(tags).search(text):  # the tag format
+    elif find_tags(text, tags):  # the tag format
         problems.extend((field, p) for p in find_thinking_problems(text, tags))
         if len(problems) > before:
             return None
         return parse_thinking(text, tags).final if earlier and opts.drop else text
     elif earlier and opts.drop:  # plain text: a reply as chat histories keep it
-        _no_specials(text, field, problems)
+        _no_specials(text, field, problems, tags)
         return None if len(problems) > before else text.strip()
     else:
         problems.append((field, _NO_THINKING.format(first=tags.sections[0], final=tags.final)))
@@ -209,7 +205,7 @@ def _check_turns(
             if i != 0:
                 problems.append((f"{where}.role", "a system message may only come first"))
             text = _string(content, f"{where}.content", problems, required=False)
-            _no_specials(text, f"{where}.content", problems)
+            _no_specials(text, f"{where}.content", problems, opts.tags)
             if text and text.strip():
                 out.append({"role": "system", "content": text})
             continue
@@ -218,7 +214,7 @@ def _check_turns(
         expected = "assistant" if role == "user" else "user"
         if role == "user":
             text = _string(content, f"{where}.content", problems)
-            _no_specials(text, f"{where}.content", problems)
+            _no_specials(text, f"{where}.content", problems, opts.tags)
         else:
             if len(given) > 1:
                 problems.append((f"{where}.{given[1]}", f"give the reasoning once, in '{given[0]}'"))
@@ -249,12 +245,12 @@ def _check_messages(
     return _check_turns(items, opts, problems, last_role=last_role, field=field) if items else []
 
 
-def _instruction_prompt(row: Mapping[str, Any], problems: list[Problem]) -> list[dict[str, str]]:
+def _instruction_prompt(row: Mapping[str, Any], problems: list[Problem], tags: ThinkingTags) -> list[dict[str, str]]:
     instruction = _string(row.get("instruction"), "instruction", problems)
     extra = _string(row.get("input"), "input", problems, required=False)
     system = _string(row.get("system"), "system", problems, required=False)
     for text, field in ((instruction, "instruction"), (extra, "input"), (system, "system")):
-        _no_specials(text, field, problems)
+        _no_specials(text, field, problems, tags)
     if instruction is None:
         return []
     user = instruction if not (extra and extra.strip()) else f"{instruction}\n\n{extra}"
@@ -271,7 +267,7 @@ def _prompt(row: Mapping[str, Any], opts: _Options, problems: list[Problem]) -> 
         if _present(row, "system"):
             problems.append(("system", "put the system prompt inside 'messages' when the prompt is 'messages'"))
         return _check_messages(row["messages"], opts, problems, last_role="user")
-    return _instruction_prompt(row, problems)
+    return _instruction_prompt(row, problems, opts.tags)
 
 
 def _structured_answer(row: Mapping[str, Any], tags: ThinkingTags, problems: list[Problem]) -> str | None:
@@ -311,7 +307,7 @@ def _prompt_completion(row: Mapping[str, Any], opts: _Options, problems: list[Pr
         return []
     if isinstance(prompt, str) and isinstance(completion, str):
         user = _string(prompt, "prompt", problems)
-        _no_specials(user, "prompt", problems)
+        _no_specials(user, "prompt", problems, opts.tags)
         answer = _answer(completion, None, "completion", "completion", opts, problems, earlier=False)
         return [{"role": "user", "content": user or ""}, {"role": "assistant", "content": answer or ""}]
     if not (isinstance(prompt, list) and isinstance(completion, list)):
@@ -371,7 +367,7 @@ def normalize_thinking_row(
         answer = _structured_answer(row, tags, problems)
         messages = prompt + [{"role": "assistant", "content": answer or ""}]
     elif shape == "output":
-        prompt = _instruction_prompt(row, problems)
+        prompt = _instruction_prompt(row, problems, opts.tags)
         output = _answer(row.get("output"), None, "output", "output", opts, problems, earlier=False)
         messages = prompt + [{"role": "assistant", "content": output or ""}]
     elif shape == "prompt_completion":

@@ -65,7 +65,7 @@ def test_adapter_holds_tag_rows_not_a_full_head_and_the_root_is_complete(hub_run
     assert config["modules_to_save"] == ["so8_rotation"] and config["base_model_name_or_path"] == BASE_ID
     files = {str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "generation_config.json", "modeling_so8t_phi3.py",
-            "configuration_so8t_phi3.py", "pipeline_so8t_thinking.py", "format.py", "tokenizer.json",
+            "configuration_so8t_phi3.py", "pipeline_so8t_thinking.py", "format.py", "lexer.py", "tokenizer.json",
             "tokenizer_config.json", "chat_template.jinja", "README.md", "training_log.json", "loss_curve.png",
             "run_summary.json", "adapter/README.md", "adapter/adapter_model.safetensors"} <= files
     assert not [f for f in files if f.startswith("checkpoint") or "data_report" in f or "truncation" in f]

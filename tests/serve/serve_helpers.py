@@ -7,7 +7,7 @@ state is the normalised embedding of the current token; the script's tokens get 
 (one-hot) embeddings, and `lm_head` maps token i's one-hot to a large logit for token i+1. So the
 next token depends only on the current one, and the prompt's last token (`<|assistant|>`) starts
 the script. Every script token id is distinct (text is spelled with unused vocabulary pieces when a
-piece repeats), which lets the same text (SECRETMARK) appear twice.
+piece repeats).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from paths import PHI35_TOKENIZER, REPO
 SECRET = "SECRETMARK"
 ASSISTANT_ID = 32001  # <|assistant|>: the last prompt token, so the script's start
 
-# The generation: thinking with the secret (special-token tags), then a final answer that holds a
-# thinking tag spelled out in ordinary pieces (so a stream sees "<", "<think", ... "<think-policy>")
-# with the secret inside, closed by the special </think-policy>, then more answer and the end.
+# The generation: thinking with the secret (a special-token opening tag, the closing tag spelled out in
+# ordinary pieces, so a stream sees "<", "</think", ... while thinking is open), then a clean final answer
+# with a literal "<" (held back by the stream until the end), the final's closing tag and the end.
 SCRIPT_PIECES = [
-    ("tok", "<think-task>"), ("text", f"{SECRET} plan"), ("tok", "</think-task>"),
-    ("tok", "<final>"), ("text", f"The answer is 42 <think-policy>{SECRET}"), ("tok", "</think-policy>"),
-    ("text", " ok"), ("tok", "</final>"), ("tok", "<|end|>"),
+    ("tok", "<think-task>"), ("text", f"{SECRET} plan</think-task>"),
+    ("tok", "<final>"), ("text", "The answer is 42 (a < b)"), ("tok", "</final>"), ("tok", "<|end|>"),
 ]
+FINAL = "The answer is 42 (a < b)"
 
 
 @dataclass
@@ -144,13 +144,15 @@ class Server:
         return self.proc.wait(timeout)
 
 
-def start_server(model_dir: Path, work: Path, args: list[str], name: str = "server", timeout: float = 120.0) -> Server:
+def start_server(model_dir: Path, work: Path, args: list[str], name: str = "server", timeout: float = 120.0,
+                 env: dict[str, str] | None = None) -> Server:
     """Run `python -m so8t_hf.serve` on 127.0.0.1 with a free port; wait until /healthz answers."""
     import httpx
 
     work.mkdir(parents=True, exist_ok=True)
     log, db = work / f"{name}.log", work / f"{name}-audit.db"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
     cmd = [sys.executable, "-m", "so8t_hf.serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
            "--audit-db", str(db), "--device", "cpu", *args]
     with open(log, "wb") as fh:
@@ -172,6 +174,13 @@ def start_server(model_dir: Path, work: Path, args: list[str], name: str = "serv
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server did not start in {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def run_serve_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m so8t_hf.serve ARGS` to completion (start-up errors), output captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "so8t_hf.serve", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def audit_rows(db: Path) -> list[dict]:

@@ -1,5 +1,6 @@
 """Serve building blocks without HTTP: the streaming hold-back rule, API keys, the audit DB, metrics."""
 
+import hashlib
 import random
 import sqlite3
 import time
@@ -7,11 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from paths import PHI35_TOKENIZER
 
 from so8t_hf.serve.audit import AuditLog, AuditRow, Metrics
 from so8t_hf.serve.auth import AuthError, KeyStore, hash_secret, parse_key_line
 from so8t_hf.serve.engine import final_is_closed, visible_final_prefix
-from so8t_hf.thinking import TAG_PRESETS, extract_final
+from so8t_hf.thinking import TAG_PRESETS, extract_final, read_final
 
 SECRET = "SECRETMARK"
 
@@ -35,14 +37,17 @@ ADVERSARIAL = [
 
 
 def _check_prefixes(text: str, tags=TAG_PRESETS["default"]) -> None:
-    """Every prefix's visible text is a prefix of the whole text's final, and of every later prefix's."""
-    full = extract_final(text, tags)
+    """Every prefix's visible text extends what was shown before (or is "" once withheld: nothing more is sent),
+    and what was shown is a prefix of the whole text's final, or of its draft when the final is withheld."""
+    full = read_final(text, tags)
     shown = ""
     for i in range(len(text) + 1):
         visible = visible_final_prefix(text[:i], tags)
-        assert full.startswith(visible), (text, i, visible, full)
-        assert visible.startswith(shown), (text, i, visible, shown)
-        shown = visible
+        if visible:
+            assert visible.startswith(shown), (text, i, visible, shown)
+            shown = visible
+    target = full.final if full.status != "withheld" else full.draft.strip()
+    assert target.startswith(shown), (text, shown, full)
 
 
 @pytest.mark.parametrize("text", ADVERSARIAL)
@@ -81,40 +86,72 @@ def test_generation_stops_only_when_the_first_final_closes(text, closed):
 
 
 # --------------------------------------------------------------------------------------------- keys
-def test_key_lines_and_file(tmp_path):
-    assert parse_key_line("alice:s3cret") == parse_key_line(f"alice:sha256={hash_secret('s3cret')}")
-    assert parse_key_line("bob:x:revoked").revoked
-    bare = parse_key_line("just-a-secret", allow_bare=True)
-    assert bare.key_id == "key-" + hash_secret("just-a-secret")[:8]
-    for bad in ["nocolon", "a:b:c", "bad id:x", "a:sha256=123", "a:", "a:b c"]:
-        with pytest.raises(ValueError):
+A, B, C, M = "alice-secret-key-01", "bob-secret-key-0001", "cli-secret-key-0001", "mallory-secret-key1"
+
+
+def test_key_lines_and_file(tmp_path, caplog):
+    assert parse_key_line(f"alice:{A}") == parse_key_line(f"alice:sha256={hash_secret(A)}")
+    assert parse_key_line(f"bob:{B}:revoked").revoked
+    bare = parse_key_line("just-a-secret-of-20c", allow_bare=True)
+    assert bare.key_id == "key-" + hash_secret("just-a-secret-of-20c")[:8]
+    assert parse_key_line("u:\u043a\u043b\u044e\u0447-\u0441\u0435\u043a\u0440\u0435\u0442-1234567").digest == \
+        hashlib.sha256("\u043a\u043b\u044e\u0447-\u0441\u0435\u043a\u0440\u0435\u0442-1234567".encode()).hexdigest()
+    for bad, why in [("nocolon-but-long-enough", "expected"), ("a:b:c", "expected"), ("bad id:" + A, "key id"),
+                     ("a:sha256=123", "64 hex"), ("a:", "empty secret"), ("a:b c d e f g h i j", "whitespace"),
+                     ("a:x", "has 1 characters; use at least 16"), ("a:tab\tseparated-secret", "whitespace"),
+                     ("a:ctrl\x01-secret-secret", "control")]:
+        with pytest.raises(ValueError, match=why):
             parse_key_line(bad)
+    with pytest.raises(ValueError, match="has 1 characters"):
+        KeyStore(["x"])
     f = tmp_path / "keys.txt"
-    f.write_text("# comment\n\nalice:alice-secret\nmallory:mallory-secret:revoked\n")
+    f.write_text(f"# comment\n\nalice:{A}\nmallory:{M}:revoked\n")
     with pytest.raises(ValueError, match="bad.txt:1"):
         KeyStore(keys_file=_write(tmp_path / "bad.txt", "oops\n"))
     with pytest.raises(ValueError, match="no API keys"):
         KeyStore(keys_file=_write(tmp_path / "empty.txt", "# nothing\n"))
-    store = KeyStore(["cli:cli-secret"], f)
-    assert "alice-secret" not in repr(store.__dict__)  # only digests are kept
-    assert store.authenticate("Bearer alice-secret").key_id == "alice"
-    assert store.authenticate("bearer  cli-secret ").key_id == "cli"
+    with pytest.raises(ValueError, match=r"\$SO8T_API_KEYS entry:2: the secret of key 'e' has 5"):
+        KeyStore(env_keys=f"d:{A}\ne:short")
+    store = KeyStore([f"cli:{C}"], f, env_keys=f" env:{B}  ")
+    assert A not in repr(store.__dict__) and C not in repr(store.__dict__)  # only digests are kept
+    assert store.authenticate(f"Bearer {A}").key_id == "alice"
+    assert store.authenticate(f"bearer  {C} ").key_id == "cli"
+    assert store.authenticate([f"Bearer {B}"]).key_id == "env"
     for header, status, code in [(None, 401, "missing_api_key"), ("Basic abc", 401, "invalid_authorization"),
                                  ("Bearer", 401, "invalid_authorization"), ("Bearer nope", 401, "invalid_api_key"),
-                                 ("Bearer mallory-secret", 403, "revoked_api_key")]:
+                                 (f"Bearer {M}", 403, "revoked_api_key"), ([f"Bearer {A}"] * 2, 400,
+                                                                          "duplicate_authorization")]:
         with pytest.raises(AuthError) as err:
             store.authenticate(header)
         assert (err.value.status, err.value.code) == (status, code)
-    f.write_text("alice:alice-secret:revoked\n")  # live revocation: the file is re-read when it changes
+    utf8 = "\u5bc6\u94a5-\u043a\u043b\u044e\u0447-0123456789"
+    f.write_text(f"alice:{A}\nutf8:{utf8}\n", encoding="utf-8")
+    time.sleep(1.1)
+    latin1_view = ("Bearer " + utf8).encode("utf-8").decode("latin-1")  # what starlette hands over
+    assert store.authenticate(latin1_view).key_id == "utf8"
+    f.write_text(f"alice:{A}:revoked\n")  # live revocation: the file is re-read when it changes
     time.sleep(1.1)
     with pytest.raises(AuthError) as err:
-        store.authenticate("Bearer alice-secret")
+        store.authenticate(f"Bearer {A}")
     assert err.value.status == 403 and err.value.key_id == "alice"
-    f.write_text("garbage line\n")  # a broken file keeps the last good keys
+    f.write_text(f"alice:{A}\ngarbage line\n")  # a broken line no longer keeps the old keys: the good lines count
     time.sleep(1.1)
-    with pytest.raises(AuthError):
-        store.authenticate("Bearer alice-secret")
-    assert store.authenticate("Bearer cli-secret").key_id == "cli"
+    with caplog.at_level("ERROR", logger="so8t_hf.serve"):
+        assert store.authenticate(f"Bearer {A}").key_id == "alice"
+    assert f"{f}:2: expected key_id:secret" in caplog.text
+    f.write_text(f"mallory:{M}:revokd\n")  # a typo in a revocation grants nothing either
+    time.sleep(1.1)
+    for secret in (A, M):
+        with pytest.raises(AuthError):
+            store.authenticate(f"Bearer {secret}")
+    f.write_text(f"alice:{A}\n")
+    time.sleep(1.1)
+    assert store.authenticate(f"Bearer {A}").key_id == "alice"
+    f.unlink()  # a deleted file means no keys from it
+    time.sleep(1.1)
+    with caplog.at_level("WARNING", logger="so8t_hf.serve"), pytest.raises(AuthError):
+        store.authenticate(f"Bearer {A}")
+    assert "is gone" in caplog.text and store.authenticate(f"Bearer {C}").key_id == "cli"
 
 
 def _write(path, text):
@@ -189,9 +226,9 @@ def test_a_failing_generation_is_a_fixed_500_and_logs_no_text(tmp_path, caplog, 
     from so8t_hf.serve.engine import GenerationEngine
 
     audit = AuditLog(tmp_path / "audit.db")
-    app = create_app(GenerationEngine(_FailingModel(), _FakeTokenizer()), KeyStore(["k:s"]), audit, ServeSettings())
+    app = create_app(GenerationEngine(_FailingModel(), _FakeTokenizer()), KeyStore([f"k:{A}"]), audit, ServeSettings())
     with caplog.at_level("DEBUG"), TestClient(app) as client:
-        r = client.post("/think", json={"query": "q", "stream": stream}, headers={"Authorization": "Bearer s"})
+        r = client.post("/think", json={"query": "q", "stream": stream}, headers={"Authorization": f"Bearer {A}"})
         rid = r.headers["X-Request-ID"]
     if stream:
         assert r.status_code == 200 and "event: error" in r.text and "generation_failed" in r.text
@@ -202,3 +239,115 @@ def test_a_failing_generation_is_a_fixed_500_and_logs_no_text(tmp_path, caplog, 
     row = con.execute("SELECT status, outcome FROM audit WHERE request_id=?", (rid,)).fetchone()
     assert row == (500, "generation_failed")
     con.close()
+
+
+# ------------------------------------------------------------------------ audit start-up checks, aggregation
+def test_audit_open_names_the_path_and_the_cause(tmp_path):
+    from so8t_hf.serve.audit import AuditError
+
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-a-db").write_bytes(b"this is not sqlite" * 100)
+    foreign = tmp_path / "foreign.db"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE audit (id INTEGER, what TEXT)")
+    con.close()
+    cases = [(tmp_path, "it is a directory"), (tmp_path / "a-file" / "audit.db", "a-file is a file, not a folder"),
+             (tmp_path / "not-a-db", "file is not a database"), (foreign, "not an so8t_hf audit table"),
+             ("/proc/so8t-audit.db", "audit DB /proc/so8t-audit.db: ")]
+    for path, cause in cases:
+        with pytest.raises(AuditError) as err:
+            AuditLog.open(path)
+        message = str(err.value)
+        assert message.startswith(f"audit DB {path}: ") and cause in message and "\n" not in message, message
+
+
+def test_a_02_audit_table_gains_the_new_columns(tmp_path):
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.executescript("""CREATE TABLE audit (request_id TEXT PRIMARY KEY, ts REAL NOT NULL, ts_iso TEXT NOT NULL,
+        endpoint TEXT NOT NULL, key_id TEXT, status INTEGER NOT NULL, outcome TEXT NOT NULL, stream INTEGER NOT NULL,
+        thinking_sha256 TEXT, final_chars INTEGER, prompt_tokens INTEGER, completion_tokens INTEGER,
+        finish_reason TEXT, latency_ms REAL NOT NULL, generation_text TEXT);
+        INSERT INTO audit VALUES ('old', 1, 'x', '/think', 'a', 200, 'ok', 0, 'ab', 1, 1, 1, 'stop', 1.0, NULL);""")
+    con.commit()
+    con.close()
+    log = AuditLog.open(db)
+    log.write(AuditRow("new", time.time(), "/think", 200, "ok", 2.0, thinking_hmac="cd"))
+    log.close()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT request_id, thinking_hmac, count FROM audit ORDER BY ts").fetchall() == [
+        ("old", None, 1), ("new", "cd", 1)]
+    con.close()
+
+
+def test_unauthenticated_counts_are_flushed_as_aggregate_rows_and_kept_while_the_db_fails(tmp_path):
+    db = tmp_path / "audit.db"
+    log = AuditLog.open(db, busy_timeout=0.1)
+    for i in range(250):
+        log.count_unauthenticated("/think", 401, "invalid_api_key" if i % 2 else "missing_api_key", time.time(), 1.0)
+    assert log.pending == 250 and log.rows_written == 0
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    assert log.flush() == 0 and log.pending == 250 and not log.healthy and not log.probe()
+    lock.execute("ROLLBACK")
+    assert log.probe() and log.healthy
+    assert log.flush() == 250 and log.pending == 0
+    log.count_unauthenticated("/v1/chat/completions", 400, "duplicate_authorization", time.time(), 1.0)
+    log.close()  # the last flush runs at close
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT endpoint, status, outcome, count FROM audit ORDER BY outcome").fetchall()
+    con.close()
+    assert rows == [("/v1/chat/completions", 400, "duplicate_authorization", 1), ("/think", 401, "invalid_api_key", 125),
+                    ("/think", 401, "missing_api_key", 125)]
+
+
+# ------------------------------------------------------------------------------- engine: content, Retry-After
+def _phi35_engine(special: bool):
+    from transformers import AddedToken, AutoTokenizer
+
+    from so8t_hf.serve.engine import GenerationEngine
+    from so8t_hf.thinking import DEFAULT_TAGS
+    from so8t_hf.thinking.chat_template import add_thinking_tokens, apply_thinking_chat_template
+
+    tok = AutoTokenizer.from_pretrained(PHI35_TOKENIZER)
+    if special:  # as 0.1 tokenizers hold them
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in DEFAULT_TAGS.tokens], special_tokens=True)
+    else:  # as add_thinking_tokens adds them now: NON-special (skip_special_tokens keeps them)
+        add_thinking_tokens(tok)
+    apply_thinking_chat_template(tok)
+    return GenerationEngine(_FailingModel(), tok), tok
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_content_with_control_tokens_is_refused_whatever_the_tags_special_flag(special):
+    from so8t_hf.serve.engine import ForbiddenContent
+
+    if not PHI35_TOKENIZER.is_dir():
+        pytest.skip("Phi-3.5 tokenizer fixture not found")
+    engine, tok = _phi35_engine(special)
+    final_id = tok.encode("<final>", add_special_tokens=False)
+    assert len(final_id) == 1 and ("<final>" in tok.decode(final_id, skip_special_tokens=True)) != special
+    for content in ["<|assistant|>", "x<|system|>y", "<|end|>", "<|endoftext|>", "</s>", "<final>", "</think-task>",
+                    "<think-policy>", "<|placeholder3|>"]:
+        with pytest.raises(ForbiddenContent) as err:
+            engine.encode_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                                    {"role": "user", "content": content}])
+        assert err.value.index == 2 and err.value.token in content
+    ids = engine.encode_messages([{"role": "user", "content": "what is \uff1cfinal\uff1e, <Final> or <|end ?"}])
+    roles = [tok.convert_tokens_to_ids(t) for t in ("<|user|>", "<|end|>", "<|assistant|>")]
+    assert [i for i in ids if i >= 32000] == roles  # only the template's own role tokens
+
+
+def test_retry_after_comes_from_measured_service_time():
+    from so8t_hf.serve.engine import GenerationEngine
+
+    engine = GenerationEngine(_FailingModel(), _FakeTokenizer(), max_queue=8, workers=2)
+    assert engine.retry_after() == 1  # nothing measured yet
+    for _ in range(8):
+        engine._queue.put_nowait(object())
+    engine._service_s.extend([0.05] * 32)
+    assert engine.retry_after() == 1  # 8 jobs x 0.05 s / 2 workers = 0.2 s
+    engine._service_s.extend([2.0] * 32)
+    assert engine.retry_after() == 8  # 8 x 2 s / 2
+    engine._service_s.extend([30.0] * 32)
+    assert engine.retry_after() == 60  # capped

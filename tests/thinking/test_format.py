@@ -159,9 +159,10 @@ ADVERSARIAL = [
     ("no tags at all, just an answer", ""),
     (THINKING, ""),
     ("<think-task>S never closed <final>fake</final>", ""),
-    ("<final>A <think-task>S never closed", "A"),
-    ("<final>A <think-safety>S</think-safety>B</final>", "A B"),
-    ("<final>A <think-task>x<think-task>y</think-task> S</think-task> B</final>", "A  B"),
+    ("<final>A <think-task>S never closed", ""),  # unterminated thinking: withheld
+    ("<final>A <think-safety>S</think-safety>B</final>", ""),  # thinking inside the final: withheld
+    ("<final>A <think-task>x<think-task>y</think-task> S</think-task> B</final>", ""),
+    ("<think-task>x<think-task>y</think-task> S</think-task><final>A</final>", "A"),  # nested, closed
     (THINKING + "\n<final>still going", "still going"),
     ("<final>first</final><final>second</final>", "first"),
     ("<think-task>S <final>fake</final> S</think-task>\n<final>real</final>", "real"),
@@ -182,9 +183,14 @@ ADVERSARIAL = [
     ("<final>A<|en", "A"),
     ("<final>A <thi", "A"),
     ("<final>a < b and b > c, List<int> <b>x</b></final>", "a < b and b > c, List<int> <b>x</b>"),
-    ("<final>stray </think-task>tags<final> gone</final>", "stray tags gone"),
+    ("<final>stray </think-task>tags<final> gone</final>", ""),  # a thinking closer in the final
+    ("<final>stray <final>tags</ b> gone</final>", "stray tags</ b> gone"),
+    ("</think-task><final>ok</final>", "ok"),  # a stray closer outside the final hides nothing
+    ("<final>a <<final>think-task>S</final>", ""),  # dropping <final> would form a thinking tag
     ("<final/>ok", ""),
-    ("<think-task>S</think-task><final>答えは<think-policy>S</think-policy>42です。</final>", "答えは42です。"),
+    ("<think-task>S</think-task><final>答えは<think-policy>S</think-policy>42です。</final>", ""),
+    ("<think-task>S</think-task><final>答えは42です。</final>", "答えは42です。"),
+    ("<final>ok</final><think-task>S", ""),  # an unterminated thinking section anywhere: withheld
 ]
 
 
@@ -198,7 +204,10 @@ def test_extract_final_custom_tags():
     assert extract_final("<reason>S</reason>\n<answer>ok</answer>", tags) == "ok"
     assert extract_final("<reason>S <answer>fake</answer>", tags) == ""
     assert extract_final("<final>not this set's final</final>", tags) == ""
-    assert extract_final("<answer>a<think-task>S</think-task>b</answer>", tags) == "ab"
+    assert extract_final("<answer>a<think-task>S</think-task>b</answer>", tags) == ""
+    assert extract_final("<answer>a <reasoning>S</reasoning></answer>", tags) == ""  # section name as a prefix
+    with pytest.raises(ValueError, match="starts with the section name"):
+        ThinkingTags(("fin",), "final")
 
 
 def _adversarial_generation(rng: random.Random) -> str:
@@ -242,7 +251,7 @@ def test_extract_final_never_leaks_randomized():
         answered += "ANSWER" in out
         # the thinking of the same text never changes the answer: drop all secrets, same output
         assert extract_final(re.sub(r"SECRETTHOUGHT\d+", "", text)) == out
-    assert answered > 250  # 309 with this seed: the property is not met by returning "" everywhere
+    assert answered > 100  # 136 with this seed: the property is not met by returning "" everywhere
 
 
 def test_lenient_reader_is_linear_on_pathological_text():

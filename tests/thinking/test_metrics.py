@@ -7,7 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import random
+
 import pytest
+from disguises import DISGUISE_CLASSES, generation
+from disguises import SECRET as THOUGHT
 from paths import REPO
 
 from so8t_hf.thinking import extract_final, get_tag_preset, render_thinking
@@ -82,7 +86,8 @@ def test_format_compliance_values():
 
 
 def test_thinking_leak_is_zero_for_extract_final_and_catches_buggy_extractors():
-    assert [extract_final(g) for g in ADVERSARIAL] == ["Hello.", "Hi.", "Sure.", "", "Start  end", "ok"]
+    # fail closed: unterminated thinking and thinking inside the final withhold the final
+    assert [extract_final(g) for g in ADVERSARIAL] == ["Hello.", "Hi.", "", "", "", "ok"]
     assert thinking_leak(ADVERSARIAL) == {"thinking_leak_rate": 0.0}
     naive = [naive_regex(g) for g in ADVERSARIAL]
     assert [leaks_thinking(g, f) for g, f in zip(ADVERSARIAL, naive)] == [False, True, False, True, True, False]
@@ -90,6 +95,21 @@ def test_thinking_leak_is_zero_for_extract_final_and_catches_buggy_extractors():
     assert thinking_leak(ADVERSARIAL, finals=[strip_tags(g) for g in ADVERSARIAL]) == {"thinking_leak_rate": 1.0}
     with pytest.raises(ValueError, match="6 predictions but 1 finals"):
         thinking_leak(ADVERSARIAL, finals=["x"])
+
+
+def test_leak_metric_sees_disguised_thinking_and_extract_final_scores_zero():
+    gens = [f"{tag}{THOUGHT} plan</think-task><final>Fine.</final>" for _, tag in DISGUISE_CLASSES]
+    gens += [f"<final>Start {tag}{THOUGHT} plan</think-task> end</final>" for _, tag in DISGUISE_CLASSES]
+    assert thinking_leak(gens) == {"thinking_leak_rate": 0.0}
+    # an extractor that knows only exact ASCII tags shows the disguised thinking: the metric catches every one
+    ascii_only = [re.sub(r"<[^<>]*>", "", naive_regex(g.replace("\u2039", "<").replace("\u203a", ">"))) for g in gens]
+    leaky = [leaks_thinking(g, f) for g, f in zip(gens, ascii_only)]
+    assert sum(leaky) >= len(DISGUISE_CLASSES), [c for (c, _), hit in zip(DISGUISE_CLASSES * 2, leaky) if not hit]
+    rng = random.Random(5)
+    generated = [generation(rng)[0] for _ in range(400)]
+    assert thinking_leak(generated) == {"thinking_leak_rate": 0.0}
+    assert thinking_leak(generated, finals=[strip_tags(g) for g in generated])["thinking_leak_rate"] > 0.5
+    assert until_turn_end("a\uff1c|end|\uff1eb") == "a"
 
 
 def test_leak_definition_edges():

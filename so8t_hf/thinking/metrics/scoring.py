@@ -1,22 +1,22 @@
 """Scores behind the thinking metrics: final-answer exact match, format compliance, thinking leak.
 
 What (each over a list of generations, decoded with `skip_special_tokens=False` so the tags
-survive; a generation is read up to its first `<|end|>`, `<|endoftext|>`, `<|user|>`,
-`<|system|>` or `</s>`, as `extract_final` reads it):
+survive; a generation is read up to its first turn-end token, `lexer.TURN_END_TOKENS`, as
+`extract_final` reads it; every tag is recognised by the one lexer, disguised tags included):
 - `final_exact_match`: fraction whose `extract_final` equals the reference answer (a reference
-  holding a `<final>` tag is reduced with `extract_final` too); whitespace runs are collapsed
-  unless `normalize=False`.
+  holding a final tag is reduced with `extract_final` too); whitespace runs are collapsed
+  unless `normalize=False`. A withheld final (fail closed: see `format.read_final`) is "".
 - `format_compliance`: fraction with no `find_thinking_problems` (every section once, in order,
   then one non-empty final, tags spelled exactly, nothing outside the tags).
 - `thinking_leak`: fraction whose extracted final (by default `extract_final`, or the `finals`
   given, e.g. a server's) contains text that appears only inside thinking sections. Thinking
-  sections are found independently of `extract_final`, by the rule the format defines: a
-  thinking tag (a section name or any name starting with `think`, self-closing included) opens a
-  section that ends at the matching number of thinking closing tags, or at the end. Thinking-only
-  text: each thinking piece (text between tags, whitespace collapsed) of at most 8 characters,
-  or each 8-character window of a longer one, that does not occur in the text outside thinking
-  (tags removed). A correct extractor scores 0 by construction, since its final is part of the
-  text outside thinking; a leak means text the user must never see reached the answer.
+  sections are found independently of `extract_final`, from the lexer's tokens: a thinking tag
+  (exact or disguised, self-closing included) opens a section that ends at the matching number
+  of thinking closing tags, or at the end; an unterminated tag's own text counts too. Thinking-only text: each thinking piece (text between
+  tags, whitespace collapsed) of at most 8 characters, or each 8-character window of a longer one,
+  that does not occur in the text outside thinking (tags removed). A correct extractor scores 0 by
+  construction, since its final is part of the text outside thinking; a leak means text the user
+  must never see reached the answer.
 
 Limits: exact match is strict (no case or punctuation folding); leaks shorter than a whole
 thinking piece of <= 8 characters, or than 8 characters of a longer one, are not detected
@@ -25,9 +25,7 @@ thinking piece of <= 8 characters, or than 8 characters of a longer one, are not
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from functools import lru_cache
 
 from so8t_hf.thinking.format import (
     DEFAULT_TAGS,
@@ -35,7 +33,10 @@ from so8t_hf.thinking.format import (
     extract_final,
     find_thinking_problems,
     get_tag_preset,
+    read_final,
 )
+from so8t_hf.thinking.lexer import fold, lex
+from so8t_hf.thinking.lexer import until_turn_end as _until_turn_end
 
 __all__ = [
     "LEAK_WINDOW",
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 LEAK_WINDOW = 8
-_TURN_END_RE = re.compile(r"<\s*\|\s*(?:end|endoftext|user|system)\s*\|\s*>|<\s*/\s*s\s*>", re.IGNORECASE)
 
 
 def resolve_tags(tags: ThinkingTags | str | None) -> ThinkingTags:
@@ -58,10 +58,9 @@ def resolve_tags(tags: ThinkingTags | str | None) -> ThinkingTags:
     return get_tag_preset(tags) if isinstance(tags, str) else tags
 
 
-def until_turn_end(text: str) -> str:
+def until_turn_end(text: str, tags: ThinkingTags | str | None = None) -> str:
     """`text` up to its first turn-ending special token (the generation proper)."""
-    m = _TURN_END_RE.search(text)
-    return text if m is None else text[: m.start()]
+    return _until_turn_end(text, resolve_tags(tags))
 
 
 def _norm(text: str) -> str:
@@ -85,7 +84,7 @@ def final_exact_match(
     norm = _norm if normalize else (lambda s: s)
     hits = 0
     for pred, ref in zip(predictions, references, strict=True):
-        ref = extract_final(ref, tags) if f"<{tags.final}>" in ref else ref
+        ref = extract_final(ref, tags) if read_final(ref, tags).status != "no_final" else ref
         hits += norm(extract_final(pred, tags)) == norm(ref.strip())
     return {"final_exact_match": _rate(hits, len(predictions), "predictions")}
 
@@ -93,40 +92,29 @@ def final_exact_match(
 def format_compliance(predictions: Sequence[str], tags: ThinkingTags | str | None = None) -> dict[str, float]:
     """`{"format_compliance": fraction}` of generations in the strict thinking format."""
     tags = resolve_tags(tags)
-    ok = sum(not find_thinking_problems(until_turn_end(p).strip(), tags) for p in predictions)
+    ok = sum(not find_thinking_problems(until_turn_end(p, tags).strip(), tags) for p in predictions)
     return {"format_compliance": _rate(ok, len(predictions), "predictions")}
-
-
-@lru_cache(maxsize=32)
-def _tag_re(tags: ThinkingTags) -> re.Pattern[str]:
-    names = "|".join(re.escape(n) for n in sorted({*tags.sections, tags.final}, key=len, reverse=True))
-    return re.compile(
-        r"<\s*\|[^<>|]{0,64}\|\s*>|<\s*/?\s*s\s*>"
-        rf"|<\s*(?P<close>/)?\s*(?P<name>{names}|think[\w.:-]*)(?=[\s/>]|<|\Z)[^<>]*>?",
-        re.IGNORECASE,
-    )
 
 
 def _split(text: str, tags: ThinkingTags) -> tuple[list[str], str]:
     """(thinking pieces, text outside thinking), tags removed, whitespace collapsed."""
     pieces: list[str] = []
     outside: list[str] = []
-    depth, pos = 0, 0
-    for m in _tag_re(tags).finditer(text):
-        chunk = text[pos : m.start()]
-        (pieces if depth else outside).append(chunk)
-        pos = m.end()
-        name = (m.group("name") or "").lower()
-        if name and (name in tags.sections or name.startswith("think")):
-            depth = depth - 1 if m.group("close") and depth else depth + (not m.group("close"))
-    (pieces if depth else outside).append(text[pos:])
+    depth = 0
+    for tok in lex(text, tags):
+        if tok.kind == "text":
+            (pieces if depth else outside).append(tok.raw)
+        elif tok.thinking:
+            depth = depth - 1 if tok.closing and depth else depth + (not tok.closing)
+            if not fold(tok.raw).text.endswith(">"):  # unterminated (`<think-task plan...<`): its text is thinking
+                pieces.append(tok.raw)
     return [p for p in map(_norm, pieces) if p], _norm("".join(outside))
 
 
 def leaks_thinking(generation: str, final: str, tags: ThinkingTags | str | None = None) -> bool:
     """True when `final` holds text found only inside the thinking sections of `generation`."""
     tags = resolve_tags(tags)
-    pieces, outside = _split(until_turn_end(generation), tags)
+    pieces, outside = _split(until_turn_end(generation, tags), tags)
     final = _norm(final)
     for piece in pieces:
         k = min(LEAK_WINDOW, len(piece))
