@@ -216,11 +216,20 @@ class So8tPhi3Model(So8tPhi3PreTrainedModel, Phi3Model):
         self.post_init()
 
     def forward(self, *args, **kwargs):
-        if self.so8t_step_rotations and self.training and torch.is_grad_enabled() and "so8t_rotations" not in kwargs:
+        if (self.so8t_step_rotations and self.training and torch.is_grad_enabled() and "so8t_rotations" not in kwargs
+                and not self._reentrant_checkpointing()):
             rotations = self.step_rotations()
             if rotations:
                 kwargs["so8t_rotations"] = rotations
         return super().forward(*args, **kwargs)
+
+    def _reentrant_checkpointing(self) -> bool:
+        """Reentrant checkpointing backpropagates each layer on its own, which would run a shared R's graph once per
+        layer: the rotations are then computed per layer, as without the step rotations."""
+        for layer in self.layers:
+            if getattr(layer, "gradient_checkpointing", False):
+                return getattr(layer._gradient_checkpointing_func, "keywords", {}).get("use_reentrant", True)
+        return False
 
     def step_rotations(self) -> dict:
         """{So8Rotation module: R} for every rotation in the layers (PEFT copies too), R in the compute dtype:
@@ -229,6 +238,8 @@ class So8tPhi3Model(So8tPhi3PreTrainedModel, Phi3Model):
             m for layer in self.layers if isinstance(layer.self_attn, So8tPhi3Attention)
             for m in layer.self_attn.so8_rotation.modules() if isinstance(m, So8Rotation)
         ]
+        trainable = [m for m in modules if m.theta.requires_grad]
+        modules = trainable or modules  # PEFT keeps a frozen, unused original beside each trainable copy
         if not modules:
             return {}
         dtype = self.embed_tokens.weight.dtype

@@ -24,61 +24,52 @@ BLOCK = 8
 DEGREE = 12  # Taylor degree at |A|_2 <= 0.5: remainder < 0.5^13 / 13! ~ 2e-14
 
 
-@triton.jit
-def _mm8(a, b):
-    """(8, 8) @ (8, 8) in fp32 registers (tl.dot needs >= 16 per side)."""
-    return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-
-
-@triton.jit
-def _skew_and_scale(THETA, blk):
-    """A = theta - theta^T of block `blk` (fp32), its squaring count s and 2^-s."""
-    i = tl.arange(0, 8)[:, None]
-    j = tl.arange(0, 8)[None, :]
-    t = tl.load(THETA + blk * 64 + i * 8 + j).to(tl.float32)
-    t_t = tl.load(THETA + blk * 64 + j * 8 + i).to(tl.float32)
-    a = t - t_t
-    norm = tl.sqrt(tl.sum(tl.sum(a * a, axis=1), axis=0))
-    s = tl.maximum(tl.ceil(tl.log2(tl.maximum(norm, 1e-30) * 2.0)), 0.0)  # |A| / 2^s <= 0.5
-    return a, s, tl.exp2(-s)
+# The 8x8 products are written out as broadcast sums (tl.dot needs >= 16 per side): (8, 8) @ (8, 8) is
+# tl.sum(a[:, :, None] * b[None, :, :], axis=1), in fp32 registers. They stay inline, not in a helper: Triton's CPU
+# interpreter (the tests) pays a large fixed cost per nested jit-function call.
 
 
 @triton.jit
 def _so8_exp_fwd_kernel(THETA, R, DEGREE: tl.constexpr):
-    # THETA, R: (n, 8, 8) contiguous; grid (n,)
+    # THETA, R: (n, 8, 8) contiguous; grid (n,): one 8x8 block per program
     blk = tl.program_id(0)
     i = tl.arange(0, 8)[:, None]
     j = tl.arange(0, 8)[None, :]
-    a, s, scale = _skew_and_scale(THETA, blk)
-    x = a * scale
+    a = tl.load(THETA + blk * 64 + i * 8 + j).to(tl.float32) - tl.load(THETA + blk * 64 + j * 8 + i).to(tl.float32)
+    norm = tl.sqrt(tl.sum(tl.sum(a * a, axis=1), axis=0))
+    s = tl.maximum(tl.ceil(tl.log2(tl.maximum(norm, 1e-30) * 2.0)), 0.0)  # |A| / 2^s <= 0.5
+    x = a * tl.exp2(-s)
     eye = (i == j).to(tl.float32)
     p = eye
-    for kk in tl.static_range(DEGREE):
-        p = eye + _mm8(x, p) * (1.0 / (DEGREE - kk))
+    for kk in tl.static_range(DEGREE):  # Horner: p = I + x p / k, k = DEGREE .. 1
+        p = eye + tl.sum(x[:, :, None] * p[None, :, :], axis=1) * (1.0 / (DEGREE - kk))
     for _ in range(s.to(tl.int32)):
-        p = _mm8(p, p)
+        p = tl.sum(p[:, :, None] * p[None, :, :], axis=1)
     tl.store(R + blk * 64 + i * 8 + j, p)
 
 
 @triton.jit
 def _so8_exp_bwd_kernel(THETA, G, DTHETA, DEGREE: tl.constexpr):
-    # THETA, G, DTHETA: (n, 8, 8) contiguous; grid (n,)
+    # THETA, G, DTHETA: (n, 8, 8) contiguous; grid (n,): one 8x8 block per program
     blk = tl.program_id(0)
     i = tl.arange(0, 8)[:, None]
     j = tl.arange(0, 8)[None, :]
-    a, s, scale = _skew_and_scale(THETA, blk)
+    a = tl.load(THETA + blk * 64 + i * 8 + j).to(tl.float32) - tl.load(THETA + blk * 64 + j * 8 + i).to(tl.float32)
+    norm = tl.sqrt(tl.sum(tl.sum(a * a, axis=1), axis=0))
+    s = tl.maximum(tl.ceil(tl.log2(tl.maximum(norm, 1e-30) * 2.0)), 0.0)
+    scale = tl.exp2(-s)
     x = -a * scale  # A^T = -A (skew), scaled
     y = tl.load(G + blk * 64 + i * 8 + j).to(tl.float32) * scale
     eye = (i == j).to(tl.float32)
     p = eye
     q = tl.zeros((8, 8), dtype=tl.float32)
-    for kk in tl.static_range(DEGREE):
+    for kk in tl.static_range(DEGREE):  # (p, q) = (I, 0) + (x, y)(p, q) / k
         c = 1.0 / (DEGREE - kk)
-        q = (_mm8(x, q) + _mm8(y, p)) * c  # uses the previous p
-        p = eye + _mm8(x, p) * c
-    for _ in range(s.to(tl.int32)):
-        q = _mm8(p, q) + _mm8(q, p)
-        p = _mm8(p, p)
+        q = (tl.sum(x[:, :, None] * q[None, :, :], axis=1) + tl.sum(y[:, :, None] * p[None, :, :], axis=1)) * c
+        p = eye + tl.sum(x[:, :, None] * p[None, :, :], axis=1) * c
+    for _ in range(s.to(tl.int32)):  # (p, q)^2 = (p p, p q + q p)
+        q = tl.sum(p[:, :, None] * q[None, :, :], axis=1) + tl.sum(q[:, :, None] * p[None, :, :], axis=1)
+        p = tl.sum(p[:, :, None] * p[None, :, :], axis=1)
     tl.store(DTHETA + blk * 64 + i * 8 + j, q - tl.trans(q))
 
 

@@ -95,3 +95,22 @@ def test_the_peft_copy_of_each_rotation_gets_the_step_rotation_and_trains(monkey
     trained = [n for n, p in model.named_parameters() if "so8_rotation" in n and p.grad is not None]
     assert trained and all("modules_to_save" in n for n in trained)
     assert all(p.grad.abs().max() > 0 for n, p in model.named_parameters() if n in trained)
+
+
+def test_reentrant_checkpointing_computes_the_rotations_per_layer(monkeypatch):
+    # reentrant checkpointing backpropagates each layer on its own: a shared R's graph would run once per layer
+    ref = tiny_so8t(seed=8)
+    randomize_rotations(ref)
+    fast = copy.deepcopy(ref)
+    ref.model.so8t_step_rotations = False
+    for model in (ref, fast):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    ids = random_ids(1, 9, seed=9)
+    calls = _count(monkeypatch)
+    _, grads_f = _train_pass(fast, ids, ids)
+    assert calls["step"] == 0 and calls["per_layer"] == 4
+    _, grads_r = _train_pass(ref, ids, ids)
+    for name in grads_r:
+        torch.testing.assert_close(grads_f[name], grads_r[name], msg=name)
