@@ -17,5 +17,5 @@ fi
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
-timeout 330 python3 -m pytest -m gpu tests/test_ops_gpu.py tests/test_gpu_training.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 330 python3 -m pytest -m gpu tests/ops/test_ops_gpu.py tests/training/test_gpu_training.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 timeout 240 python3 benchmarks/bench_attention.py --out "$OUT/attention_h100.md" 2>&1 | tee "$OUT/bench_attention.log"

@@ -16,12 +16,17 @@ logger = logging.getLogger(__name__)
 MODEL_TYPE = "so8t_phi3"
 
 
-def liger_available() -> bool:
-    try:
-        import liger_kernel.transformers.monkey_patch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def liger_unusable_reason() -> str | None:
+    """Why Liger's kernels cannot run here (not installed, no CUDA GPU), or None."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'so8t-hf[liger]')"
+    if not torch.cuda.is_available():
+        return "Liger's Triton kernels need a CUDA GPU"
+    return None
 
 
 def register_liger() -> bool:

@@ -54,7 +54,7 @@ class SO8TConfig(SFTConfig):
     )
     activation_memory_budget_gib: float | None = field(
         default=None,
-        metadata={"help": "Peak GPU memory that activation_checkpointing_layers=auto may reach; None = 90% of the GPU."},
+        metadata={"help": "Peak GPU memory that activation_checkpointing_layers=auto may reach; None = 90%% of the GPU."},
     )
     lora_cast_inputs: bool = field(
         default=False,

@@ -70,9 +70,14 @@ class SO8TTrainer(SFTTrainer):
         if args.activation_checkpointing and args.activation_checkpointing_kwargs.get("use_reentrant"):
             model.enable_input_require_grads()  # reentrant checkpointing needs inputs that require grad
         if args.use_liger_kernel:
-            from so8t_hf.integrations.liger import register_liger
+            from so8t_hf.integrations.liger import liger_unusable_reason, register_liger
 
-            register_liger()  # before Trainer.__init__ applies Liger by model type
+            reason = liger_unusable_reason()
+            if reason:  # the phi35 recipes ask for Liger; without it (or a GPU) they still run, and say so
+                warnings.warn(f"use_liger_kernel=True is ignored: {reason}.", stacklevel=2)
+                args.use_liger_kernel = False
+            else:
+                register_liger()  # before Trainer.__init__ applies Liger by model type
         self.checkpoint_policy = None
         if args.activation_checkpointing and args.activation_checkpointing_layers != "all":
             tokens = args.per_device_train_batch_size * (args.max_length or 2048)
