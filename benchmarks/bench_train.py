@@ -1,7 +1,7 @@
 """End-to-end training speed: TRL + PEFT stock, TRL + PEFT + Liger and the so8t_hf recipe, same data and settings,
 for LoRA 4 x 2048, QLoRA NF4 1 x 2048 and LoRA 1 x 8192; then the ladder of our recipe (each optimisation switched on
-in turn). One process per run (`train_worker.py`); two run at a time, the second preparing on the CPU while the first
-holds the GPU (a file lock), so only one ever trains.
+in turn). One process per run (`train_worker.py`); three run at a time, the others preparing on the CPU (data, model,
+trainer) while one holds the GPU (a file lock), so only one ever uses the GPU.
 
     python scripts/make_phi35_shaped.py --tokenizer .fixtures/phi35-tokenizer --out /dev/shm/phi35-shaped
     python benchmarks/bench_train.py --checkpoint /dev/shm/phi35-shaped --out $OUT
@@ -54,7 +54,8 @@ def plan(args) -> list[dict]:
             steps = args.steps + (args.extra_steps if system == "so8t_hf" and workload == "lora_4x2048" else 0)
             runs.append(dict(name=f"{workload}.{system}", workload=workload, system=system, batch=batch, length=length,
                              qlora=qlora, steps=steps, override="", legacy=False, packing="true",
-                             profile=args.profile_steps if (system != "trl_liger" and workload != "lora_1x8192") else 0))
+                             profile=args.profile_steps if (system == "so8t_hf" or workload == "qlora_1x2048")
+                             and system != "trl_liger" and workload != "lora_1x8192" else 0))
     for rung, spec, _ in LADDER:
         if rung == "host_dtype":
             continue  # = lora_4x2048.so8t_hf
@@ -134,11 +135,12 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
         stock = results.get(f"{workload}.trl_stock")
         workloads.append({"workload": workload, "runs": [
             {"name": n, "tokens_per_s": round(r["tokens_per_s"], 1), "peak_gib": round(r["peak_gib"], 2)} for n, r in rows]})
-        lines += [f"## {workload}", "", "| run | tokens/s | vs stock | peak GiB | warm-up (worst step after 10 / median) |",
-                  "| --- | ---: | ---: | ---: | --- |"]
+        lines += [f"## {workload}", "", "| run | tokens/s | vs stock | peak GiB | tokens/s of the median step | "
+                  "warm-up (worst step after 10 / median) |", "| --- | ---: | ---: | ---: | ---: | --- |"]
         for n, r in rows:
             ratio = f"{r['tokens_per_s'] / stock['tokens_per_s']:.2f}x" if stock else "-"
-            lines.append(f"| {n} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.2f} | {warmup_check(r)} |")
+            lines.append(f"| {n} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.2f} | "
+                         f"{r.get('tokens_per_s_median_step', 0):,.0f} | {warmup_check(r)} |")
         lines.append("")
     ladder = [(rung, desc, results.get(f"ladder.{rung}") or (results.get("lora_4x2048.so8t_hf") if rung == "host_dtype" else None))
               for rung, _, desc in LADDER]
@@ -180,7 +182,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--extra_steps", type=int, default=12, help="more steps for the recipe's LoRA run (warm-up check)")
     p.add_argument("--profile_steps", type=int, default=3)
-    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--parallel", type=int, default=3)
     p.add_argument("--timeout", type=float, default=420, help="seconds for all runs; later runs are skipped")
     p.add_argument("--only", nargs="*", default=None, help="run names starting with these")
     args = p.parse_args(argv)

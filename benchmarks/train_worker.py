@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -220,13 +221,22 @@ def main(argv=None) -> None:
     t_prep = time.perf_counter()
     model, load, make_trainer = (build_trl(a, rows, out_dir) if a.system.startswith("trl") else
                                  build_so8t(a, Path(a.data), out_dir))
+    trainer = None
+    if model is not None:  # LoRA: the trainer (PEFT wrapping, data packing) is built on the CPU too
+        from unittest import mock
+
+        from transformers import Trainer
+
+        with mock.patch.object(Trainer, "_move_model_to_device", lambda self, model, device: None):
+            trainer = make_trainer(model)
     prep_s = time.perf_counter() - t_prep
     with open(a.lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the GPU is ours from here
         t_gpu = time.perf_counter()
-        if model is None:
-            model = load()
-        trainer = make_trainer(model)
+        if trainer is None:  # QLoRA: bitsandbytes quantises while loading onto the GPU
+            trainer = make_trainer(load())
+        else:
+            trainer._move_model_to_device(trainer.model, trainer.args.device)
         counter = [0]
         _count_tokens(trainer, counter)
         timer = StepTimer(counter, a.warmup + a.steps, str(out_dir) if a.profile_steps else None)
@@ -248,7 +258,8 @@ def main(argv=None) -> None:
         timed_t, timed_n = timer.times[a.warmup:n], timer.tokens[a.warmup:n]
         result = dict(
             name=a.name, system=a.system, batch=a.batch, max_length=a.max_length, qlora=a.qlora,
-            tokens_per_s=sum(timed_n) / sum(timed_t), peak_gib=peak, step_times=timer.times, step_tokens=timer.tokens,
+            tokens_per_s=sum(timed_n) / sum(timed_t), peak_gib=peak,
+            tokens_per_s_median_step=statistics.median(n / t for n, t in zip(timed_n, timed_t)), step_times=timer.times, step_tokens=timer.tokens,
             losses=[float(x) for x in losses], backends=backends, prep_s=prep_s,
             gpu_s=time.perf_counter() - t_gpu, override=a.override, legacy_rotation=a.legacy_rotation,
             checkpointed_layers=getattr(getattr(trainer, "checkpoint_policy", None), "checkpointed", None),

@@ -43,7 +43,8 @@ def _train_pass(model, ids, labels):
 def test_step_rotations_equal_the_per_layer_path(monkeypatch, checkpointing, exp_backend):
     pytest.importorskip("triton") if exp_backend == "triton" else None
     monkeypatch.setenv("SO8T_ROTATION_EXP", exp_backend)
-    ref = tiny_so8t(seed=3, num_hidden_layers=3)
+    device = "cuda" if exp_backend == "triton" and torch.cuda.is_available() else "cpu"  # else Triton's interpreter
+    ref = tiny_so8t(seed=3, num_hidden_layers=3).to(device)
     randomize_rotations(ref, scale=0.5)
     fast = copy.deepcopy(ref)
     ref.model.so8t_step_rotations = False
@@ -51,7 +52,7 @@ def test_step_rotations_equal_the_per_layer_path(monkeypatch, checkpointing, exp
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = random_ids(2, 19, seed=4)
+    ids = random_ids(2, 19, seed=4).to(device)
     calls = _count(monkeypatch)
     logits_r, grads_r = _train_pass(ref, ids, ids)
     assert calls == {"step": 0, "per_layer": 3 * (2 if checkpointing else 1)}  # forward (+ recompute) per layer

@@ -138,7 +138,7 @@ PHI35_WIDE = dict(hidden_size=3072, num_attention_heads=32, num_key_value_heads=
 
 
 def _phi35_run(tmp_path, fast: bool, attention: str, steps: int = 20):
-    """20 bf16 LoRA steps of a Phi-3.5-wide SO8T-Phi3 (4 layers of Phi-3.5-mini's shape), packed 4 x 1024."""
+    """20 bf16 LoRA steps of a Phi-3.5-wide SO8T-Phi3 (4 layers of Phi-3.5-mini's shape), packed 4 x 512."""
     import os
 
     from tiny_models import randomize_rotations as randomize
@@ -150,10 +150,10 @@ def _phi35_run(tmp_path, fast: bool, attention: str, steps: int = 20):
     for r in model.so8_rotations().values():
         r.float()
     model.model.so8t_step_rotations = fast
-    args = _args(tmp_path, max_steps=steps, max_length=1024, learning_rate=2e-4, so8t_learning_rate=1e-3,
+    args = _args(tmp_path, max_steps=steps, max_length=512, learning_rate=2e-4, so8t_learning_rate=1e-3,
                  sync_free_metrics=fast, lora_cast_inputs=not fast, activation_checkpointing=True,
                  use_liger_kernel=fast and importlib.util.find_spec("liger_kernel") is not None)
-    data = token_dataset(rows=600, min_len=100, max_len=600, seed=12)
+    data = token_dataset(rows=300, min_len=60, max_len=400, seed=12)
     data = data.map(lambda row: {"input_ids": [3 + (t * 251) % 32000 for t in row["input_ids"]]})  # the full vocab
     trainer = SO8TTrainer(model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer(),
                           peft_config=default_lora_config(r=16, alpha=32, dropout=0.0))
