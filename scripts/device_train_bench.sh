@@ -5,7 +5,7 @@
 # logs, and every run's JSON / log / profile in bench_runs.tar.gz.
 #   here:   ../shared/tools/device-wheels && cp -r ../shared/fixtures/phi35-tokenizer .fixtures/
 #   device: run(command="bash scripts/device_train_bench.sh", carry=[".whl", ".fixtures"])
-#   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (extra bench_train.py flags)
+#   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT_KERNELS, TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (bench flags)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OUT=${OUT:-/tmp/out}
 WHL=${WHL:-.whl} FIXTURES=${FIXTURES:-.fixtures}
@@ -21,7 +21,7 @@ stamp "checkpoint"
 python3 scripts/make_phi35_shaped.py --tokenizer "$FIXTURES/phi35-tokenizer" --out /dev/shm/phi35-shaped 2>&1 | tail -1 | tee -a "$OUT/device.txt"
 if [ "${TEST_TIMEOUT:-150}" -gt 0 ]; then
   stamp "gpu tests"
-  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -rs -p no:cacheprovider -x --durations=8 \
+  timeout "${TEST_TIMEOUT_KERNELS:-60}" python3 -m pytest -q -rs -p no:cacheprovider --durations=8 \
     tests/ops/test_so8_exp.py tests/integrations/test_step_rotations.py tests/integrations/test_attention_varlen.py \
     > "$OUT/gpu_tests.log" 2>&1
   timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider --durations=8 -s \
