@@ -9,7 +9,7 @@ kernel) > `sdpa` > `chunked` (exact online-softmax PyTorch, bounded memory) > `e
 `auto` on packed CUDA rows picks by the mean sequence length of the pack (known from `cu_seq_lens_q`'s shape, no
 sync): `torch_varlen` up to `TORCH_VARLEN_MAX_MEAN_LEN` tokens, our kernel above. Measured on an H100, fwd+bwd,
 H32 D96: 20 SFT rows in 8,192 tokens, varlen_attn 0.735 ms vs ours 1.069 ms; 22 rows in 27k tokens, ours 1.10x
-(benchmarks/results/train_h100.md). With the collator's `cu_seq_lens_q` / `max_length_q` (TRL's padding-free
+(issue 16; DESIGN.md's anchors). With the collator's `cu_seq_lens_q` / `max_length_q` (TRL's padding-free
 collator passes them) no layer synchronises with the host.
 
 Masks. The mask function returns `None` for plain causal attention (bottom-right aligned when a KV

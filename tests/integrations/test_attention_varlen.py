@@ -83,9 +83,10 @@ def test_collator_sequence_starts_need_no_segment_ids_on_varlen_backends(monkeyp
     built = []
     original = attention.packed_segments
     monkeypatch.setattr(attention, "packed_segments", lambda *a: built.append(1) or original(*a))
-    model = tiny_so8t(seed=4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: CUDA, else Triton's interpreter
+    model = tiny_so8t(seed=4).to(device)
     model.config._attn_implementation = "so8t"
-    inputs = _packed_inputs([6, 10, 4], seed=3)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _packed_inputs([6, 10, 4], seed=3).items()}
     with force_attention_backend("triton"):
         fast = model(**inputs).logits
     assert built == []  # from cu_seq_lens_q directly: no position_ids scan, no host sync per layer
