@@ -68,8 +68,9 @@ def so8_exp(theta: torch.Tensor) -> torch.Tensor:
 class So8Rotation(nn.Module):
     """Block-diagonal SO(8) rotation of the last dimension: (..., n*8) -> (..., n*8).
 
-    `theta` (n, 8, 8) holds unconstrained generators; the rotation is `matrix_exp(theta - theta^T)`,
-    computed in float64 and cast to the activation dtype.
+    `theta` (n, 8, 8) holds unconstrained generators; the rotation is `matrix_exp(theta - theta^T)`, computed in
+    float64 here (or, in training forwards, for all layers at once by `So8tPhi3Model.step_rotations`) and cast to the
+    activation dtype.
     """
 
     def __init__(self, dim: int):
