@@ -2,8 +2,15 @@
 
 `import so8t_hf` registers `attn_implementation="so8t"` with transformers' `AttentionInterface` and a
 matching mask function with `AttentionMaskInterface` (without it a custom attention silently gets
-`mask=None`). Backends, best first: `flash_attn` (if installed) > `triton` (the project's kernel) >
-`sdpa` > `chunked` (exact online-softmax PyTorch, bounded memory) > `eager` (dense reference).
+`mask=None`). Backends, best first: `flash_attn` (if installed) > `torch_varlen` (PyTorch's own
+`torch.nn.attention.varlen.varlen_attn`, FlashAttention inside PyTorch >= 2.10) / `triton` (the project's
+kernel) > `sdpa` > `chunked` (exact online-softmax PyTorch, bounded memory) > `eager` (dense reference).
+
+`auto` on packed CUDA rows picks by the mean sequence length of the pack (known from `cu_seq_lens_q`'s shape, no
+sync): `torch_varlen` up to `TORCH_VARLEN_MAX_MEAN_LEN` tokens, our kernel above. Measured on an H100, fwd+bwd,
+H32 D96: 20 SFT rows in 8,192 tokens, varlen_attn 0.735 ms vs ours 1.069 ms; 22 rows in 27k tokens, ours 1.10x
+(issue 16; DESIGN.md's anchors). With the collator's `cu_seq_lens_q` / `max_length_q` (TRL's padding-free
+collator passes them) no layer synchronises with the host.
 
 Masks. The mask function returns `None` for plain causal attention (bottom-right aligned when a KV
 cache makes S > T) and for padding-free packed rows, whose sequence boundaries the attention derives
@@ -17,7 +24,9 @@ Observability: every call counts its backend in `BACKEND_COUNTS`; the first use 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 import logging
 import os
 from collections import Counter
@@ -32,7 +41,8 @@ from so8t_hf.ops.chunked_attention import chunked_attention
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "so8t"
-BACKENDS = ("flash_attn", "triton", "sdpa", "chunked", "eager")
+BACKENDS = ("flash_attn", "torch_varlen", "triton", "sdpa", "chunked", "eager")
+TORCH_VARLEN_MAX_MEAN_LEN = 1024  # auto: packs of shorter sequences (on average) take torch_varlen, longer ones ours
 
 BACKEND_COUNTS: Counter = Counter()
 _announced: set[tuple[str, str]] = set()
@@ -65,6 +75,20 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
+@functools.cache
+def _torch_varlen_attn():
+    """PyTorch's `varlen_attn` and the names of its parameters, or None (PyTorch < 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen_available() -> bool:
+    return _torch_varlen_attn() is not None and torch.cuda.is_available()
+
+
 def triton_kernel_available() -> bool:
     try:
         from so8t_hf.ops import triton_available
@@ -82,11 +106,18 @@ def _backend_unavailable_reason(name: str, query: torch.Tensor) -> str | None:
             return "flash-attn needs CUDA fp16/bf16 tensors"
     if name == "triton" and not triton_kernel_available():
         return "the Triton kernel needs triton and a CUDA GPU (or TRITON_INTERPRET=1)"
+    if name == "torch_varlen":
+        if _torch_varlen_attn() is None:
+            return "this PyTorch has no torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10)"
+        if not (query.is_cuda and half):
+            return "varlen_attn needs CUDA fp16/bf16 tensors"
     return None
 
 
-def choose_backend(requested: str, query: torch.Tensor, has_mask: bool, packed: bool, dropout: float):
-    """(backend, reason) for one call. A forced backend that cannot run raises; `auto` never does."""
+def choose_backend(requested: str, query: torch.Tensor, has_mask: bool, packed: bool, dropout: float,
+                   mean_len: float | None = None):
+    """(backend, reason) for one call. A forced backend that cannot run raises; `auto` never does.
+    `mean_len`: the mean sequence length of a packed batch, when known."""
     _check_backend_name(requested)
     if requested != "auto":
         reason = _backend_unavailable_reason(requested, query)
@@ -102,13 +133,25 @@ def choose_backend(requested: str, query: torch.Tensor, has_mask: bool, packed: 
         return "flash_attn", "flash-attn installed"
     # Dense causal batches keep SDPA: measured on an H100 (benchmarks/results/attention_h100.md) SDPA's default
     # runs at cuDNN speed, 1.3x ours fwd+bwd at D96. Packed rows take the kernel: 3.75x padded SDPA's tokens/s.
-    if fast_kernels and triton_kernel_available() and packed:
-        return "triton", "packed rows: varlen kernel"
+    if fast_kernels and packed:
+        choice = packed_gpu_choice(mean_len, _torch_varlen_attn() is not None, triton_kernel_available())
+        if choice is not None:
+            return choice
     if packed and not query.is_cuda:  # measured: benchmarks/results/attention_cpu.md
         return "chunked", "packed rows on CPU: exact, no T x T mask"
     if packed:
         return "sdpa", "packed rows without a varlen kernel: block-diagonal mask"
     return "sdpa", "padding / window mask" if has_mask else "default"
+
+
+def packed_gpu_choice(mean_len: float | None, torch_varlen: bool, triton: bool):
+    """(backend, reason) for packed fp16/bf16 CUDA rows, or None: PyTorch's varlen_attn for packs of short
+    sequences (mean length <= TORCH_VARLEN_MAX_MEAN_LEN, or unknown), our kernel for longer ones."""
+    if torch_varlen and (mean_len is None or mean_len <= TORCH_VARLEN_MAX_MEAN_LEN or not triton):
+        return "torch_varlen", f"packed rows, mean length <= {TORCH_VARLEN_MAX_MEAN_LEN} or no triton: varlen_attn"
+    if triton:
+        return "triton", "packed rows, long sequences: varlen kernel"
+    return None
 
 
 def _record(backend: str, reason: str) -> None:
@@ -241,7 +284,7 @@ def _flash_like(fa_func, fa_varlen_func, name):
     def forward(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
         bsz, heads, q_len, dim = q.shape
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D)
-        if keep_mask is None and segments is None:
+        if keep_mask is None and segments is None and varlen is None:
             return fa_func(qt.contiguous(), kt.contiguous(), vt.contiguous(), softmax_scale=scale, causal=True)
         if keep_mask is not None:
             valid = _padding_as_segments(keep_mask, q_len, k.shape[2])
@@ -275,7 +318,43 @@ def _flash_attn(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
     return _flash_like(flash_attn_func, flash_attn_varlen_func, "flash_attn")(q, k, v, scale, segments, keep_mask, dropout, varlen)
 
 
-_BACKEND_FORWARD = {"flash_attn": _flash_attn, "triton": _triton, "sdpa": _sdpa, "chunked": _chunked, "eager": _eager}
+def _torch_varlen_funcs():
+    """(dense, varlen) callables in flash-attn's conventions over PyTorch's `varlen_attn` (causal only)."""
+    varlen_attn, params = _torch_varlen_attn()
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=True):
+        assert causal
+        kwargs = {"scale": softmax_scale}
+        if "is_causal" in params:
+            kwargs["is_causal"] = True
+        else:
+            kwargs["window_size"] = (-1, 0)
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in params:
+                kwargs["enable_gqa"] = True
+            else:
+                groups = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **kwargs)
+
+    def dense(q, k, v, softmax_scale=None, causal=True):
+        bsz, t = q.shape[:2]
+        cu = torch.arange(0, (bsz + 1) * t, t, device=q.device, dtype=torch.int32)
+        flat = lambda x: x.reshape(bsz * x.shape[1], *x.shape[2:])  # noqa: E731
+        return varlen(flat(q), flat(k), flat(v), cu, cu, t, t, softmax_scale, causal).view(q.shape)
+
+    return dense, varlen
+
+
+def _torch_varlen(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
+    if q.shape[2] != k.shape[2] and keep_mask is None and segments is None:
+        raise ValueError("the torch_varlen backend needs as many keys as queries (no KV cache); use sdpa")
+    return _flash_like(*_torch_varlen_funcs(), "torch_varlen")(q, k, v, scale, segments, keep_mask, dropout, varlen)
+
+
+_BACKEND_FORWARD = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "triton": _triton, "sdpa": _sdpa,
+                    "chunked": _chunked, "eager": _eager}
+_VARLEN_BACKENDS = ("flash_attn", "torch_varlen", "triton")  # take (cu_seqlens, max_len) instead of segment ids
 
 
 def so8t_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
@@ -285,17 +364,25 @@ def so8t_attention_forward(module, query, key, value, attention_mask, dropout=0.
     keep_mask = _as_keep_mask(attention_mask) if attention_mask is not None else None
     if keep_mask is not None and keep_mask.shape[-1] != kv_len:
         keep_mask = keep_mask[..., :kv_len]
-    segments = None
-    if keep_mask is None:
-        segments = packed_segments(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"), bsz, q_len, kv_len)
+    segments = varlen = mean_len = None
+    packed = False
+    cu = kwargs.get("cu_seq_lens_q")
+    if keep_mask is None and cu is not None and kwargs.get("max_length_q") is not None and bsz == 1 and q_len == kv_len:
+        # the collator's sequence starts: packed or not, and the mean length, from the shape alone (no sync)
+        packed = q_len >= 2 and cu.numel() > 2
+        if packed:
+            varlen = (cu.to(query.device, torch.int32), int(kwargs["max_length_q"]))
+            mean_len = q_len / (cu.numel() - 1)
+    elif keep_mask is None:
+        segments = packed_segments(kwargs.get("position_ids"), cu, bsz, q_len, kv_len)
+        packed = segments is not None
     config = getattr(module, "config", None)
     requested = _forced[-1] if _forced else os.environ.get("SO8T_ATTN_BACKEND") or getattr(config, "so8t_attn_backend", "auto")
-    backend, reason = choose_backend(requested, query, keep_mask is not None, segments is not None, dropout)
+    backend, reason = choose_backend(requested, query, keep_mask is not None, packed, dropout, mean_len)
     _record(backend, reason)
+    if packed and segments is None and backend not in _VARLEN_BACKENDS:
+        segments = packed_segments(None, cu, bsz, q_len, kv_len)
     scale = scaling if scaling is not None else dim**-0.5
-    varlen = None
-    if segments is not None and kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:
-        varlen = (kwargs["cu_seq_lens_q"].to(query.device, torch.int32), int(kwargs["max_length_q"]))  # no sync per layer
     out = _BACKEND_FORWARD[backend](query, key, value, scale, segments, keep_mask, dropout, varlen)
     return out.contiguous(), None
 

@@ -1,4 +1,5 @@
-"""The SO(8) output rotation as the `torch.library` op `so8t::so8_rotate` (forward and backward).
+"""The SO(8) output rotation as the `torch.library` ops `so8t::so8_rotate` (forward and backward) and
+`so8t::so8_exp` (the rotations R = exp(theta - theta^T) of a batch of generators, forward and backward).
 
 SO8T-Phi3 models, remote-code copies included, look the op up (`torch.ops.so8t.so8_rotate`) and fall
 back to torch's einsum when it is not registered, so `import so8t_hf` is what turns the Triton kernel on.
@@ -7,6 +8,11 @@ As a custom op with a fake (meta) implementation it is also opaque but traceable
 Backend per call: the Triton kernel of `so8t_hf.ops.so8_rotation` for CUDA tensors when triton is
 installed, else einsum; `SO8T_ROTATION_BACKEND=auto|triton|einsum` overrides (`triton` also runs under
 `TRITON_INTERPRET=1` on the CPU, for tests). Each (backend, reason) is logged once at INFO.
+
+`so8t::so8_exp`: the Triton scaling-and-squaring kernel of `so8t_hf.ops.so8_exp` (fp32, one launch for every block
+of every layer) for CUDA tensors, else float64 `torch.linalg.matrix_exp`; `SO8T_ROTATION_EXP=auto|triton|torch`
+overrides. SO8T-Phi3 computes all its layers' rotations through it once per training forward, outside the
+checkpointed layers.
 """
 
 from __future__ import annotations
@@ -21,31 +27,42 @@ from so8t_hf.ops import triton_available
 logger = logging.getLogger(__name__)
 
 ROTATION_BACKENDS = ("auto", "triton", "einsum")
+EXP_BACKENDS = ("auto", "triton", "torch")
 _announced: set[tuple[str, str]] = set()
 
 
-def rotation_backend(x: torch.Tensor) -> str:
-    """'triton' or 'einsum' for this input (see the module docstring); logs each new choice once."""
-    wanted = os.environ.get("SO8T_ROTATION_BACKEND", "auto")
-    if wanted not in ROTATION_BACKENDS:
-        raise ValueError(f"SO8T_ROTATION_BACKEND={wanted!r}: use auto, triton or einsum.")
+def _choose(x: torch.Tensor, variable: str, choices: tuple[str, ...], fallback: str, what: str) -> str:
+    """'triton' or `fallback` for this input, `variable` overriding; logs each new (choice, reason) once."""
+    wanted = os.environ.get(variable, "auto")
+    if wanted not in choices:
+        raise ValueError(f"{variable}={wanted!r}: use {', '.join(choices[:-1])} or {choices[-1]}.")
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     kernel_ok = triton_available() and (x.is_cuda or interpreted)
     if wanted == "triton" and not kernel_ok:
         raise RuntimeError(
-            "SO8T_ROTATION_BACKEND=triton needs triton and a CUDA tensor (or TRITON_INTERPRET=1); "
-            f"got a {x.device.type} tensor. Unset it to use einsum."
+            f"{variable}=triton needs triton and a CUDA tensor (or TRITON_INTERPRET=1); "
+            f"got a {x.device.type} tensor. Unset it to use {fallback}."
         )
     if wanted != "auto":
-        backend, reason = wanted, f"SO8T_ROTATION_BACKEND={wanted}"
+        backend, reason = wanted, f"{variable}={wanted}"
     elif kernel_ok and x.is_cuda:
         backend, reason = "triton", "CUDA tensor"
     else:
-        backend, reason = "einsum", "no CUDA tensor" if triton_available() or not x.is_cuda else "triton not installed"
-    if (backend, reason) not in _announced:
-        _announced.add((backend, reason))
-        logger.info("SO(8) rotation: %s (%s)", backend, reason)
+        backend, reason = fallback, "no CUDA tensor" if triton_available() or not x.is_cuda else "triton not installed"
+    if (what, backend, reason) not in _announced:
+        _announced.add((what, backend, reason))
+        logger.info("%s: %s (%s)", what, backend, reason)
     return backend
+
+
+def rotation_backend(x: torch.Tensor) -> str:
+    """'triton' or 'einsum' for the rotation of this input (see the module docstring)."""
+    return _choose(x, "SO8T_ROTATION_BACKEND", ROTATION_BACKENDS, "einsum", "SO(8) rotation")
+
+
+def exp_backend(theta: torch.Tensor) -> str:
+    """'triton' or 'torch' for the exponential of these generators (see the module docstring)."""
+    return _choose(theta, "SO8T_ROTATION_EXP", EXP_BACKENDS, "torch", "SO(8) exponential")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -99,3 +116,53 @@ def _backward(ctx, grad):
 
 
 so8_rotate.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- R = exp(theta - theta^T)
+
+
+@torch.library.custom_op("so8t::so8_exp", mutates_args=())
+def so8_exp(theta: torch.Tensor) -> torch.Tensor:
+    """theta (n, 8, 8) -> R = exp(theta_b - theta_b^T) per block, fp32, exactly orthogonal to fp32 rounding."""
+    if exp_backend(theta) == "triton":
+        from so8t_hf.ops.so8_exp import so8_exp_forward
+
+        return so8_exp_forward(theta)
+    theta = theta.double()
+    return torch.linalg.matrix_exp(theta - theta.transpose(-1, -2)).float()
+
+
+@so8_exp.register_fake
+def _(theta):
+    return torch.empty(theta.shape, device=theta.device, dtype=torch.float32)
+
+
+@torch.library.custom_op("so8t::so8_exp_backward", mutates_args=())
+def so8_exp_backward(theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dtheta of R = exp(theta - theta^T) from dL/dR (fp32)."""
+    if exp_backend(theta) == "triton":
+        from so8t_hf.ops.so8_exp import so8_exp_backward as kernel
+
+        return kernel(theta, grad)
+    theta = theta.double()
+    a_t = theta.transpose(-1, -2) - theta  # A^T
+    block = torch.cat([torch.cat([a_t, grad.double()], -1), torch.cat([torch.zeros_like(a_t), a_t], -1)], -2)
+    da = torch.linalg.matrix_exp(block)[..., :8, 8:]  # Frechet derivative L(A^T, G): (n, 8, 8)
+    return (da - da.transpose(-1, -2)).float()
+
+
+@so8_exp_backward.register_fake
+def _(theta, grad):
+    return torch.empty(theta.shape, device=theta.device, dtype=torch.float32)
+
+
+def _exp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _exp_backward(ctx, grad):
+    (theta,) = ctx.saved_tensors
+    return torch.ops.so8t.so8_exp_backward(theta, grad).to(theta.dtype)
+
+
+so8_exp.register_autograd(_exp_backward, setup_context=_exp_setup_context)

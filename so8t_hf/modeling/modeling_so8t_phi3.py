@@ -9,6 +9,12 @@ Self-contained remote code: torch and transformers only, never the `so8t_hf` lib
 imported in the process it registers its fast paths: `attn_implementation="so8t"` (attention backends) and
 the `torch.library` op `so8t::so8_rotate` (the Triton rotation kernel), which `So8Rotation` uses when it is
 registered; without it the rotation runs as torch's einsum and attention on any stock implementation.
+
+Training forwards compute every layer's R once, in `So8tPhi3Model.forward` (outside the checkpointed layers, so the
+recompute of gradient checkpointing reuses it), through the op `so8t::so8_exp` when so8t_hf registered it (a fp32
+GPU kernel, one launch for all layers), else float64 `torch.linalg.matrix_exp` (one batched call). The rotations
+travel to the layers as the forward keyword `so8t_rotations` ({So8Rotation module: R}). RoPE is looked up on
+transformers' phi3 module at call time, so kernels patched there (Liger's `apply_liger_kernel_to_phi3`) apply.
 """
 
 import logging
@@ -16,6 +22,7 @@ import logging
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.phi3 import modeling_phi3
 from transformers.models.phi3.modeling_phi3 import (
     Phi3Attention,
     Phi3DecoderLayer,
@@ -24,7 +31,6 @@ from transformers.models.phi3.modeling_phi3 import (
     Phi3PreTrainedModel,
     Phi3RMSNorm,
     Phi3RotaryEmbedding,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
@@ -38,19 +44,33 @@ except ImportError:  # pragma: no cover - older transformers
 logger = logging.getLogger(__name__)
 
 
-def _registered_rotation_op():
-    """`torch.ops.so8t.so8_rotate` when so8t_hf has registered it in this process, else None."""
+def _registered_op(name: str):
+    """`torch.ops.so8t.<name>` when so8t_hf has registered it in this process, else None."""
     try:
-        return torch.ops.so8t.so8_rotate
+        return getattr(torch.ops.so8t, name)
     except (AttributeError, RuntimeError):
         return None
+
+
+def _registered_rotation_op():
+    return _registered_op("so8_rotate")
+
+
+def so8_exp(theta: torch.Tensor) -> torch.Tensor:
+    """R = exp(theta - theta^T) for generators (..., 8, 8): the registered fp32 kernel op, else float64 matrix_exp."""
+    op = _registered_op("so8_exp")
+    if op is not None:
+        return op(theta)
+    theta = theta.double()
+    return torch.linalg.matrix_exp(theta - theta.transpose(-1, -2))
 
 
 class So8Rotation(nn.Module):
     """Block-diagonal SO(8) rotation of the last dimension: (..., n*8) -> (..., n*8).
 
-    `theta` (n, 8, 8) holds unconstrained generators; the rotation is `matrix_exp(theta - theta^T)`,
-    computed in float64 and cast to the activation dtype.
+    `theta` (n, 8, 8) holds unconstrained generators; the rotation is `matrix_exp(theta - theta^T)`, computed in
+    float64 here (or, in training forwards, for all layers at once by `So8tPhi3Model.step_rotations`) and cast to the
+    activation dtype.
     """
 
     def __init__(self, dim: int):
@@ -76,8 +96,11 @@ class So8Rotation(nn.Module):
             cached = self._cached = (theta.clone(), dtype, self.rotation_matrices().detach().to(dtype))
         return cached[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rotation = self._rotation(x.dtype)  # (n, 8, 8)
+    def forward(self, x: torch.Tensor, rotations: dict | None = None) -> torch.Tensor:
+        """x_b @ R_b per 8-wide block; `rotations` ({module: R}, from `So8tPhi3Model.forward`) supplies this
+        module's R when it was computed for the whole step, else it is computed here."""
+        rotation = rotations.get(self) if rotations else None
+        rotation = self._rotation(x.dtype) if rotation is None else rotation.to(x.dtype)  # (n, 8, 8)
         fast = _registered_rotation_op()
         if fast is not None:
             return fast(x, rotation)
@@ -108,7 +131,8 @@ class So8tPhi3Attention(Phi3Attention):
         super().__init__(config, layer_idx)
         self.so8_rotation = So8Rotation(config.num_attention_heads * self.head_dim)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, cache=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, cache=None,
+                so8t_rotations=None, **kwargs):
         cache = cache if cache is not None else past_key_values  # transformers >= 5.24 passes `cache`, older ones `past_key_values`
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -121,7 +145,8 @@ class So8tPhi3Attention(Phi3Attention):
         value_states = qkv[..., query_pos + kv_size :].view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        # looked up at call time: kernels patched into transformers' phi3 module (Liger's RoPE) apply here too
+        query_states, key_states = modeling_phi3.apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
@@ -140,7 +165,7 @@ class So8tPhi3Attention(Phi3Attention):
             **kwargs,
         )  # (B, T, H, D)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, H*D)
-        attn_output = self.o_proj(self.so8_rotation(attn_output))
+        attn_output = self.o_proj(self.so8_rotation(attn_output, rotations=so8t_rotations))
         return attn_output, attn_weights
 
 
@@ -188,7 +213,45 @@ class So8tPhi3Model(So8tPhi3PreTrainedModel, Phi3Model):
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        self.so8t_step_rotations = True  # compute every layer's R once per training forward (see the module docstring)
         self.post_init()
+
+    def forward(self, *args, **kwargs):
+        if (self.so8t_step_rotations and self.training and torch.is_grad_enabled() and "so8t_rotations" not in kwargs
+                and not self._reentrant_checkpointing()):
+            rotations = self.step_rotations()
+            if rotations:
+                kwargs["so8t_rotations"] = rotations
+        return super().forward(*args, **kwargs)
+
+    def _reentrant_checkpointing(self) -> bool:
+        """Reentrant checkpointing backpropagates each layer on its own, which would run a shared R's graph once per
+        layer: the rotations are then computed per layer, as without the step rotations."""
+        for layer in self.layers:
+            if getattr(layer, "gradient_checkpointing", False):
+                return getattr(layer._gradient_checkpointing_func, "keywords", {}).get("use_reentrant", True)
+        return False
+
+    def step_rotations(self) -> dict:
+        """{So8Rotation module: R} for every rotation in the layers (PEFT copies too), R in the compute dtype:
+        one batched exponential per device, differentiable in theta."""
+        modules = [
+            m for layer in self.layers if isinstance(layer.self_attn, So8tPhi3Attention)
+            for m in layer.self_attn.so8_rotation.modules() if isinstance(m, So8Rotation)
+        ]
+        trainable = [m for m in modules if m.theta.requires_grad]
+        modules = trainable or modules  # PEFT keeps a frozen, unused original beside each trainable copy
+        if not modules:
+            return {}
+        dtype = self.embed_tokens.weight.dtype
+        if torch.is_autocast_enabled(modules[0].theta.device.type):
+            dtype = torch.get_autocast_dtype(modules[0].theta.device.type)
+        out = {}
+        for device in {m.theta.device for m in modules}:
+            group = [m for m in modules if m.theta.device == device]
+            rotations = so8_exp(torch.cat([m.theta for m in group])).to(dtype)  # (sum n, 8, 8)
+            out.update(zip(group, rotations.split([m.theta.shape[0] for m in group])))
+        return out
 
 
 class So8tPhi3ForCausalLM(So8tPhi3PreTrainedModel, Phi3ForCausalLM):

@@ -40,7 +40,7 @@ def _block_diag_tile(R, col0, n_cols, TRANSPOSE: tl.constexpr, BLOCK_C: tl.const
     return tl.load(R + offs, mask=same_block, other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # a new token count per batch must not compile a new variant
 def _rotate_fwd_kernel(
     X, R, Y, n_rows, n_cols, stride_x, stride_y,
     TRANSPOSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -55,7 +55,7 @@ def _rotate_fwd_kernel(
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "row_step"])
 def _rotate_bwd_kernel(
     X, DY, R, DX, DR_PARTIAL, n_rows, n_cols, stride_x, stride_dy, stride_dx, row_step,
     STORE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,

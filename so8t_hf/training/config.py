@@ -67,6 +67,25 @@ class SO8TConfig(SFTConfig):
     pet_phase_scales: list[float] = field(
         default_factory=lambda: [0.1, 0.5, 1.0], metadata={"help": "pet_lambda multipliers of the 3 PET phases."}
     )
+    activation_checkpointing_layers: str = field(
+        default="all",
+        metadata={"help": "Memory policy of activation checkpointing: 'all' layers, a number N (the first N are "
+                          "checkpointed), or 'auto' (as few as fit under activation_memory_budget_gib)."},
+    )
+    activation_memory_budget_gib: float | None = field(
+        default=None,
+        metadata={"help": "Peak GPU memory that activation_checkpointing_layers=auto may reach; None = 90%% of the GPU."},
+    )
+    lora_cast_inputs: bool = field(
+        default=False,
+        metadata={"help": "Cast LoRA inputs to the fp32 adapters (PEFT's default). Off under bf16/fp16: autocast "
+                          "casts the small adapter weights instead of every activation (the adapters stay fp32)."},
+    )
+    sync_free_metrics: bool = field(
+        default=True,
+        metadata={"help": "Keep the per-step metrics (nll, entropy, accuracy, tokens) on the GPU until logging "
+                          "instead of a host sync per micro-step."},
+    )
     loss_fallback: str = field(
         default="recover",
         metadata={"help": "Graph-less loss: 'recover' from the last hidden state (warn, count) or 'error' at once."},
@@ -82,6 +101,9 @@ class SO8TConfig(SFTConfig):
         self.gradient_checkpointing = self.activation_checkpointing
         self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
         super().__post_init__()  # parses a JSON-string gradient_checkpointing_kwargs (and the new name, if it knows it)
+        from so8t_hf.training.memory import parse_layers_setting
+
+        self.activation_checkpointing_layers = parse_layers_setting(self.activation_checkpointing_layers)
         if self.loss_fallback not in ("recover", "error"):
             raise ValueError(f"SO8TConfig.loss_fallback={self.loss_fallback!r}: use 'recover' or 'error'.")
         kwargs = dict(self.gradient_checkpointing_kwargs or {})

@@ -5,6 +5,12 @@ Overrides only what it must:
   loss is recomputed from the captured last hidden state through `lm_head` (warned once, counted in
   `loss_fallback_steps`); when nothing carries a graph it raises an error naming the cause and the fix.
   It never steps on a graph-less loss and never multiplies one by zero. Adds the optional PET term.
+  On one process with TRL's plain NLL path (`sync_free_metrics`), it runs TRL's fused-LM-head loss itself and keeps
+  the per-step metrics (nll, entropy, token accuracy, token count) as GPU tensors until `log`, where one transfer
+  reads them all: no host sync per micro-step (TRL's own compute_loss `.item()`s three times per micro-step).
+- Speed settings: under bf16/fp16 autocast the LoRA layers stop casting their inputs to the fp32 adapters
+  (`lora_cast_inputs`); `use_liger_kernel` works for SO8T-Phi3 (`integrations/liger.py`);
+  `activation_checkpointing_layers` spends spare memory on fewer checkpointed layers (`training/memory.py`).
 - `create_optimizer`: the SO(8) generators get their own param group (`so8t_learning_rate`, no decay).
 - `log`: perplexity, learning rates, tokens/s, peak memory, SO(8) health, `loss_fallback_steps`.
 - `evaluation_loop`: adds the thinking metrics of each `ThinkingEvalCallback` (generated replies) to the
@@ -29,6 +35,7 @@ from trl import SFTTrainer
 from so8t_hf.rotation import rotation_health
 from so8t_hf.training.callbacks import ThinkingEvalCallback
 from so8t_hf.training.config import LossHasNoGraphError, SO8TConfig
+from so8t_hf.training.memory import CheckpointPolicyCallback
 from so8t_hf.training.peft_setup import (
     SO8_MODULE,
     expose_head_bias,
@@ -87,9 +94,35 @@ class SO8TTrainer(SFTTrainer):
                     param.requires_grad_(False)
         if args.activation_checkpointing and args.activation_checkpointing_kwargs.get("use_reentrant"):
             model.enable_input_require_grads()  # reentrant checkpointing needs inputs that require grad
+        if args.use_liger_kernel:
+            from so8t_hf.integrations.liger import liger_unusable_reason, register_liger
+
+            reason = liger_unusable_reason()
+            if reason:  # the phi35 recipes ask for Liger; without it (or a GPU) they still run, and say so
+                warnings.warn(f"use_liger_kernel=True is ignored: {reason}.", stacklevel=2)
+                args.use_liger_kernel = False
+            else:
+                register_liger()  # before Trainer.__init__ applies Liger by model type
+        self.checkpoint_policy = None
+        if args.activation_checkpointing and args.activation_checkpointing_layers != "all":
+            tokens = args.per_device_train_batch_size * (args.max_length or 2048)
+            self.checkpoint_policy = CheckpointPolicyCallback(
+                args.activation_checkpointing_layers, args.activation_memory_budget_gib, tokens)
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.checkpoint_policy]
         super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
         keep_so8_fp32(self.model)  # SFTTrainer casts every trainable parameter of a quantised model to bf16
         expose_head_bias(self.model)  # trainable tag rows of lm_head: TRL's fused LM head reads lm_head.bias
+        if not args.lora_cast_inputs and (args.bf16 or args.fp16):
+            uncast = 0
+            for module in self.model.modules():
+                if hasattr(module, "_cast_input_dtype") and hasattr(module, "lora_A"):
+                    module.cast_input_dtype_enabled = False  # autocast casts the adapter weights instead
+                    uncast += 1
+            if uncast:
+                logger.info("LoRA: %d layers take their inputs in the autocast dtype (lora_cast_inputs=False).", uncast)
+        self._pending: list[torch.Tensor] = []  # per-micro-step metric tensors, read at `log`
+        self._pending_tokens: list[torch.Tensor] = []
+        self._pending_pet: list[torch.Tensor] = []
         self.loss_fallback_steps = 0
         self._captured: dict[str, torch.Tensor] = {}
         self._hook = self._last_hidden_module().register_forward_hook(self._capture_hidden)
@@ -113,23 +146,82 @@ class SO8TTrainer(SFTTrainer):
         self._captured.clear()
         if self._log_clock is None:
             self._log_clock = (time.perf_counter(), self._total_train_tokens)
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        sync_free = self._sync_free_path(model, return_outputs)
+        if sync_free:
+            result = self._sync_free_loss(model, inputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         hidden = self._captured.pop("hidden", None)
         learning = model.training and torch.is_grad_enabled()
         if learning and not loss.requires_grad and any(p.requires_grad for p in model.parameters()):
             loss = self._recover_loss(model, inputs, hidden, num_items_in_batch)
-        if learning:  # the mean over processes, like the logged loss (each rank's share is scaled to the global mean)
+        if learning and sync_free:
+            self._pending.append(torch.cat([loss.detach().float().reshape(1), self._step_stats]))  # stays on the GPU
+        elif learning:  # the mean over processes, like the logged loss (each rank's share is scaled to the global mean)
             self._metrics["train"]["nll"].append(self.accelerator.gather(loss.detach()).float().mean().item())
         if learning and self.args.pet_lambda > 0 and hidden is not None:
             loss = loss + self._pet_term(inputs, hidden, num_items_in_batch)
+        if len(self._pending) >= 256:  # logging off or rare: read them in bulk before they pile up
+            self._flush_pending()
         return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ the sync-free loss path
+
+    def _sync_free_path(self, model, return_outputs: bool) -> bool:
+        """TRL's plain NLL path on one process, in training: the case `_sync_free_loss` reproduces."""
+        args = self.args
+        return (
+            args.sync_free_metrics and model.training and torch.is_grad_enabled() and not return_outputs
+            and self.compute_loss_func is None and self.label_smoother is None and args.loss_type == "nll"
+            and not self.aux_loss_enabled and self.accelerator.num_processes == 1
+            and getattr(self.accelerator.parallelism_config, "sp_enabled", False) is not True
+        )
+
+    def _sync_free_loss(self, model, inputs, num_items_in_batch):
+        """TRL's fused-LM-head NLL, with the metrics kept on the GPU (`_step_stats`: entropy, accuracy)."""
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        mask = outputs.label_mask
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens, device=mask.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        valid = mask.sum().clamp(min=1).float()
+        entropy = outputs.entropy.detach().sum() / valid if outputs.entropy is not None else valid * 0
+        accuracy = outputs.is_top1.sum() / valid if outputs.is_top1 is not None else valid * 0
+        self._step_stats = torch.stack([entropy.float(), accuracy.float(), (mask.sum() > 0).float()])
+        if "position_ids" in inputs and "attention_mask" not in inputs:
+            self._total_train_tokens += inputs["position_ids"].size(1) // self._tp_size  # a shape: no sync
+        elif "attention_mask" in inputs:
+            self._pending_tokens.append(inputs["attention_mask"].sum())
+        else:
+            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        return loss
+
+    def _flush_pending(self) -> None:
+        """Move the GPU-held per-step metrics into `_metrics` (one device-to-host transfer)."""
+        if self._pending_tokens:
+            self._total_train_tokens += int(torch.stack(self._pending_tokens).sum().item()) // self._tp_size
+            self._pending_tokens.clear()
+        if self._pending:
+            rows = torch.stack(self._pending).tolist()
+            self._pending.clear()
+            metrics = self._metrics["train"]
+            for nll, entropy, accuracy, any_valid in rows:
+                metrics["nll"].append(nll)
+                metrics["entropy"].append(entropy if any_valid else 0.0)
+                metrics["mean_token_accuracy"].append(accuracy if any_valid else 0.0)
+        if self._pending_pet:
+            self._metrics["train"]["pet_loss"].extend(torch.stack(self._pending_pet).tolist())
+            self._pending_pet.clear()
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     def _pet_term(self, inputs, hidden, num_items_in_batch) -> torch.Tensor:
         progress = self.state.global_step / max(self.state.max_steps, 1)
         weight = pet_lambda_at(progress, self.args.pet_lambda, self.args.pet_phase_boundaries, self.args.pet_phase_scales)
         penalty = pet_penalty(hidden, inputs.get("attention_mask"), inputs.get("position_ids"))
-        self._metrics["train"]["pet_loss"].append(penalty.detach().item())
+        self._pending_pet.append(penalty.detach().float())  # read at `log`
         self._metrics["train"]["pet_lambda"].append(weight)
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
         return weight * penalty / steps  # a per-micro-batch mean: average it over accumulation like the CE sum
@@ -221,6 +313,7 @@ class SO8TTrainer(SFTTrainer):
         return optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._flush_pending()  # the sync-free loss path's metrics, read once per logging step
         if self.model.training and "loss" in logs:
             nll = self._metrics["train"].get("nll")
             if nll:

@@ -3,7 +3,6 @@ parsing, DDP. (Publishing, and the Phi-3.5 recipe's tag rows on a shaped checkpo
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch

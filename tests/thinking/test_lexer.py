@@ -150,7 +150,7 @@ def test_keyed_thinking_digest():
     assert thinking_hash(GOOD, key=key) == hmac.new(key, canonical, hashlib.sha256).hexdigest()
     assert thinking_hash(GOOD) == hashlib.sha256(canonical).hexdigest() != thinking_hash(GOOD, key=key)
     verdicts = ["safe", "unsafe", "refuse", "escalate"]  # a low-entropy verdict: guessable without the key only
-    target = thinking_hash(f"<think-safety>unsafe</think-safety><final>x</final>", key=key)
+    target = thinking_hash("<think-safety>unsafe</think-safety><final>x</final>", key=key)
     guesses = [v for v in verdicts if thinking_hash(f"<think-safety>{v}</think-safety>") == target]
     assert guesses == []
 

@@ -1,0 +1,276 @@
+"""One run of the end-to-end training benchmark (`bench_train.py` starts one process per run).
+
+Builds what runs on the CPU first (imports, data, a LoRA model loaded on the CPU), then waits for the GPU lock, so the
+next run's preparation overlaps this one's training without sharing the GPU. On the GPU: the trainer, `warmup` steps,
+`steps` timed steps (a CUDA sync closes each step; tokens counted by the collator, on the host), then optional
+profiled steps. Writes one JSON result: tokens/s over the timed steps, peak GiB (max allocated after the model is on
+the GPU), every step's time and loss, the attention backends used.
+
+Systems: `trl_stock` (TRL SFTTrainer + PEFT, stock Phi-3, sdpa), `trl_liger` (same + use_liger_kernel), `so8t_hf`
+(the recipe yaml through so8t_hf's pipeline builders and SO8TTrainer). Workload: batch x max_length, LoRA or QLoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+logger = logging.getLogger("train_worker")
+LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def _common_args(a, out_dir):
+    import torch
+
+    return dict(use_cpu=not torch.cuda.is_available(), output_dir=str(out_dir), max_steps=a.warmup + a.steps + a.profile_steps, per_device_train_batch_size=a.batch,
+                gradient_accumulation_steps=1, max_length=a.max_length, learning_rate=2e-4, lr_scheduler_type="constant",
+                bf16=True, optim="adamw_torch_fused", logging_steps=100000, save_strategy="no", report_to="none",
+                disable_tqdm=True, seed=0, dataloader_num_workers=0, packing=a.packing)
+
+
+def build_trl(a, rows, out_dir):
+    """(model on the CPU or None for QLoRA, a builder(model) -> trainer) for the stock TRL + PEFT runs."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.checkpoint)
+    dataset = Dataset.from_list(rows)
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    args = SFTConfig(**_common_args(a, out_dir), gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": False}, use_liger_kernel=a.system == "trl_liger")
+
+    def load():
+        kwargs = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
+        if a.qlora:
+            from transformers import BitsAndBytesConfig
+
+            kwargs.update(device_map={"": 0}, quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16))
+        model = AutoModelForCausalLM.from_pretrained(a.checkpoint, **kwargs)
+        if a.qlora:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def trainer(model):
+        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+
+    return (None if a.qlora else load()), load, trainer
+
+
+def build_so8t(a, data_dir, out_dir):
+    """Our recipe: the yaml + overrides through so8t_hf's builders (as `run_thinking_sft` does, without saving)."""
+    from so8t_hf.sft import make_parser
+    from so8t_hf.sft.pipeline import build_datasets, build_model, build_tokenizer, lora_config
+    from so8t_hf.thinking.format import get_tag_preset
+    from so8t_hf.training.trainer import SO8TTrainer
+
+    recipe = "phi35_mini_qlora_12gb" if a.qlora else "phi35_mini_lora"
+    c = _common_args(a, out_dir)
+    argv = ["--config", f"recipes/configs/{recipe}.yaml", "--model_name_or_path", a.checkpoint,
+            "--dataset_path", str(data_dir), "--eval_fraction", "0", "--eval_strategy", "no", "--num_train_epochs", "1"]
+    argv += [x for k in ("output_dir", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                         "max_length", "logging_steps", "save_strategy", "report_to", "seed", "lr_scheduler_type",
+                         "disable_tqdm", "packing", "use_cpu") for x in (f"--{k}", str(c[k]))]
+    argv += a.override
+    model_args, data_args, training_args = make_parser().parse_args_and_config(argv)
+    if not training_args.packing:
+        training_args.padding_free = False
+    tags = get_tag_preset(data_args.tag_preset)
+    tokenizer, summary = build_tokenizer(model_args, tags)
+    train, _, _ = build_datasets(data_args, tokenizer, training_args.max_length, Path(out_dir), tags, training_args.seed)
+
+    def load():
+        model = build_model(model_args, tokenizer, summary)
+        if a.legacy_rotation:
+            model.model.so8t_step_rotations = False
+        return model
+
+    def trainer(model):
+        peft = lora_config(model_args, summary["new_ids"]) if model_args.use_peft else None
+        return SO8TTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+                           peft_config=peft)
+
+    return (None if a.qlora else load()), load, trainer
+
+
+class StepTimer:
+    """Callback: wall time of every optimizer step (closed by a CUDA sync), tokens from the collator, profiling."""
+
+    def __init__(self, counter, profile_from: int, profile_dir: str | None):
+        import torch
+
+        self.torch, self.counter, self.times, self.tokens = torch, counter, [], []
+        self.sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: smoke tests
+        self.profile_from, self.profile_dir, self.prof = profile_from, profile_dir, None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if timer.profile_dir and state.global_step == timer.profile_from and timer.prof is None:
+                    timer.sync()
+                    activities = [timer.torch.profiler.ProfilerActivity.CPU]
+                    if timer.torch.cuda.is_available():
+                        activities.append(timer.torch.profiler.ProfilerActivity.CUDA)
+                    timer.prof = timer.torch.profiler.profile(activities=activities)
+                    timer.prof.__enter__()
+                    timer.prof_start = time.perf_counter()
+                if not timer.times and not hasattr(timer, "t0"):
+                    timer.sync()
+                    timer.t0, timer.n0 = time.perf_counter(), timer.counter[0]
+
+            def on_step_end(self, args, state, control, **kw):
+                timer.sync()
+                now = time.perf_counter()
+                timer.times.append(now - timer.t0)
+                timer.tokens.append(timer.counter[0] - timer.n0)
+                timer.t0, timer.n0 = now, timer.counter[0]
+
+            def on_train_end(self, args, state, control, **kw):
+                if timer.prof is not None:
+                    timer.sync()
+                    timer.prof_wall = time.perf_counter() - timer.prof_start
+                    timer.prof.__exit__(None, None, None)
+
+        return _CB()
+
+
+def _count_tokens(trainer, counter):
+    collator = trainer.data_collator
+
+    def counting(features):
+        batch = collator(features)
+        if "attention_mask" in batch:
+            counter[0] += int(batch["attention_mask"].sum())
+        else:
+            counter[0] += int(batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting
+
+
+def _profile_summary(prof, steps: int, wall: float) -> dict:
+    """Device time per step (sum of CUDA kernel durations), wall time per step, and the share of the device time
+    spent in the aten ops the issue named (self device time: no double counting), plus the top-30 table."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    total = sum(e.time_range.elapsed_us() for e in kernels)
+    events = prof.key_averages()
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm"),
+              "copy/cast": ("aten::copy_", "aten::_to_copy"), "mul": ("aten::mul",), "add": ("aten::add",),
+              "cat": ("aten::cat",), "dropout": ("aten::native_dropout", "aten::bernoulli", "aten::dropout"),
+              "attention": ("aten::_flash_attention", "aten::_efficient_attention", "flash_attn", "varlen"),
+              "matrix_exp": ("aten::linalg_matrix_exp",)}
+    shares = {k: 0.0 for k in groups}
+    for e in events:
+        for k, keys in groups.items():
+            if any(e.key.startswith(x) for x in keys):
+                shares[k] += getattr(e, "self_device_time_total", 0)
+                break
+    by_kernel = {}
+    for e in kernels:
+        by_kernel[e.name[:90]] = by_kernel.get(e.name[:90], 0) + e.time_range.elapsed_us()
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:25]
+    table = events.table(sort_by="self_device_time_total", row_limit=30)
+    table += "\n\nTop kernels (us over the profiled steps):\n" + "\n".join(f"{v:12.0f}  {k}" for k, v in top)
+    return {"device_ms_per_step": total / 1e3 / steps, "wall_ms_per_step": wall * 1e3 / steps,
+            "shares": {k: v / max(total, 1) for k, v in shares.items()}, "table": table}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--name", required=True)
+    p.add_argument("--system", choices=["trl_stock", "trl_liger", "so8t_hf"], required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="folder with rows.jsonl")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument("--qlora", action="store_true")
+    p.add_argument("--packing", default="true")
+    p.add_argument("--legacy_rotation", action="store_true", help="per-layer float64 rotations (ladder baseline)")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--profile_steps", type=int, default=0)
+    p.add_argument("--lock", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--override", default="", help="extra recipe flags (so8t_hf): 'key=value,key=value'")
+    a = p.parse_args(argv)
+    a.override = [x for kv in a.override.split(",") if kv for x in (f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
+    a.packing = a.packing.lower() == "true"
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{a.name}] %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    out_dir = Path(f"/tmp/bench_{a.name}")
+    rows = [json.loads(line) for line in open(Path(a.data) / "rows.jsonl")]
+    t_prep = time.perf_counter()
+    model, load, make_trainer = (build_trl(a, rows, out_dir) if a.system.startswith("trl") else
+                                 build_so8t(a, Path(a.data), out_dir))
+    trainer = None
+    if model is not None:  # LoRA: the trainer (PEFT wrapping, data packing) is built on the CPU too
+        from unittest import mock
+
+        from transformers import Trainer
+
+        with mock.patch.object(Trainer, "_move_model_to_device", lambda self, model, device: None):
+            trainer = make_trainer(model)
+    prep_s = time.perf_counter() - t_prep
+    with open(a.lock, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the GPU is ours from here
+        t_gpu = time.perf_counter()
+        if trainer is None:  # QLoRA: bitsandbytes quantises while loading onto the GPU
+            trainer = make_trainer(load())
+        else:
+            trainer._move_model_to_device(trainer.model, trainer.args.device)
+        counter = [0]
+        _count_tokens(trainer, counter)
+        timer = StepTimer(counter, a.warmup + a.steps, str(out_dir) if a.profile_steps else None)
+        trainer.add_callback(timer.callback())
+        losses = []
+        step = trainer.training_step
+        trainer.training_step = lambda *x, **k: losses.append(step(*x, **k)) or losses[-1]
+        timer.sync()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        backends = {}
+        if a.system == "so8t_hf":
+            from so8t_hf.integrations.attention import BACKEND_COUNTS
+
+            backends = dict(BACKEND_COUNTS)
+        n = a.warmup + a.steps
+        timed_t, timed_n = timer.times[a.warmup:n], timer.tokens[a.warmup:n]
+        result = dict(
+            name=a.name, system=a.system, batch=a.batch, max_length=a.max_length, qlora=a.qlora,
+            tokens_per_s=sum(timed_n) / sum(timed_t), peak_gib=peak,
+            tokens_per_s_median_step=statistics.median(n / t for n, t in zip(timed_n, timed_t)), step_times=timer.times, step_tokens=timer.tokens,
+            losses=[float(x) for x in losses], backends=backends, prep_s=prep_s,
+            gpu_s=time.perf_counter() - t_gpu, override=a.override, legacy_rotation=a.legacy_rotation,
+            checkpointed_layers=getattr(getattr(trainer, "checkpoint_policy", None), "checkpointed", None),
+        )
+        if timer.prof is not None:
+            summary = _profile_summary(timer.prof, a.profile_steps, timer.prof_wall)
+            Path(a.out).with_suffix(".profile.txt").write_text(summary.pop("table"))
+            result["profile"] = summary
+        Path(a.out).write_text(json.dumps(result))
+        logger.info("%s: %.0f tokens/s, peak %.2f GiB", a.name, result["tokens_per_s"], peak)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 16 in one device call: GPU tests (`pytest -m gpu` + the kernels' own tests on CUDA), then the end-to-end
+# training benchmark (benchmarks/bench_train.py: TRL + PEFT stock, + Liger, our recipe; LoRA 4x2048, QLoRA 1x2048,
+# LoRA 1x8192; the ladder; torch.profiler traces). At most 8 files come back in $OUT: the .md / .json results, the
+# logs, and every run's JSON / log / profile in bench_runs.tar.gz.
+#   here:   ../shared/tools/device-wheels && cp -r ../shared/fixtures/phi35-tokenizer .fixtures/
+#   device: run(command="bash scripts/device_train_bench.sh", carry=[".whl", ".fixtures"])
+#   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT_KERNELS, TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (bench flags)
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OUT=${OUT:-/tmp/out}
+WHL=${WHL:-.whl} FIXTURES=${FIXTURES:-.fixtures}
+mkdir -p "$OUT"
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+  python3 -c "import torch, transformers, triton, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
+} 2>&1 | tee "$OUT/device.txt"
+stamp "checkpoint"
+python3 scripts/make_phi35_shaped.py --tokenizer "$FIXTURES/phi35-tokenizer" --out /dev/shm/phi35-shaped 2>&1 | tail -1 | tee -a "$OUT/device.txt"
+if [ "${TEST_TIMEOUT:-150}" -gt 0 ]; then
+  stamp "gpu tests"
+  timeout "${TEST_TIMEOUT_KERNELS:-60}" python3 -m pytest -q -rs -p no:cacheprovider --durations=8 \
+    tests/ops/test_so8_exp.py tests/integrations/test_step_rotations.py tests/integrations/test_attention_varlen.py \
+    > "$OUT/gpu_tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider --durations=8 -s \
+    tests/ops tests/training tests/integrations >> "$OUT/gpu_tests.log" 2>&1
+  tail -4 "$OUT/gpu_tests.log"
+fi
+stamp "bench"
+timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_train.py --checkpoint /dev/shm/phi35-shaped --out /tmp/bench \
+  --timeout $(( ${BENCH_TIMEOUT:-400} - 100 )) ${BENCH_ARGS:-} 2>&1 | grep -v "^$" > "$OUT/bench.log"
+cp /tmp/bench/train_h100.md /tmp/bench/train_h100.json "$OUT/" 2>/dev/null
+tar czf "$OUT/bench_runs.tar.gz" -C /tmp/bench runs 2>/dev/null
+stamp "done"
+grep -E "tokens/s|FAILED|killed|skipped" "$OUT/bench.log" | tail -20
