@@ -97,8 +97,14 @@ def test_varlen_equals_dense_per_sequence():
     q, k, v = (torch.randn(1033, 8, 96, device="cuda", dtype=DTYPE) for _ in range(3))
     packed = flash_attn_varlen_func(q, k, v, cu, cu, 700, 700, causal=True)
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        dense = flash_attn_func(q[None, s:e], k[None, s:e], v[None, s:e], causal=True)[0]
-        torch.testing.assert_close(packed[s:e], dense)  # bf16 tolerance: block sizes may differ
+        one = [t[None, s:e] for t in (q, k, v)]
+        dense = flash_attn_func(*one, causal=True)[0]
+        # the autotuner may pick other block sizes for the packed and the dense launch, so the two can differ by
+        # bf16 rounding only: no more than plain PyTorch's own bf16 error against the fp32 reference, twice
+        ref = attention_reference(*[t.float() for t in one], causal=True, compute_dtype=torch.float32)[0]
+        err_pt = (attention_reference(*one, causal=True, compute_dtype=None)[0].float() - ref).abs().max().item()
+        diff = (packed[s:e].float() - dense.float()).abs().max().item()
+        assert diff <= 2 * err_pt, f"sequence {s}:{e}: packed vs dense {diff:.2e} > 2 x bf16 torch error {err_pt:.2e}"
 
 
 def test_fp32_inputs_on_gpu():
