@@ -15,7 +15,7 @@ import torch
 
 from so8t_hf.thinking.format import TURN_END_TOKENS
 
-__all__ = ["generate_replies", "generate_reply", "prompt_ids", "sampling_kwargs", "stop_token_ids"]
+__all__ = ["GREEDY_BELOW", "generate_replies", "generate_reply", "prompt_ids", "sampling_kwargs", "stop_token_ids"]
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -41,9 +41,12 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids(tokenizer)[0]
 
 
+GREEDY_BELOW = 1e-3  # a temperature under this samples like greedy decoding (and 1e-300 would overflow): greedy
+
+
 def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict[str, Any]:
-    """`generate` kwargs: greedy when `temperature` is 0, else nucleus sampling."""
-    if temperature > 0:
+    """`generate` kwargs: greedy when `temperature` is below `GREEDY_BELOW` (0 included), else nucleus sampling."""
+    if temperature >= GREEDY_BELOW:
         return dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, StoppingCriteria
 
-from so8t_hf.inference.generation import prompt_ids, sampling_kwargs, stop_token_ids
+from so8t_hf.inference.generation import GREEDY_BELOW, prompt_ids, sampling_kwargs, stop_token_ids
 from so8t_hf.thinking.format import (
     DEFAULT_TAGS,
     ThinkingTags,
@@ -52,7 +52,6 @@ __all__ = ["GREEDY_BELOW", "ForbiddenContent", "GenParams", "GenResult", "Genera
 
 logger = logging.getLogger("so8t_hf.serve")
 
-GREEDY_BELOW = 1e-3  # a temperature under this samples like greedy decoding (and 1e-300 would overflow): greedy
 
 
 class ForbiddenContent(ValueError):
@@ -297,9 +296,8 @@ class GenerationEngine:
         p = job.params
         device = next(self.model.parameters()).device
         ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=device)
-        temperature = p.temperature if p.temperature >= GREEDY_BELOW else 0.0
         config = GenerationConfig(max_new_tokens=p.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                                  **sampling_kwargs(temperature, p.top_p))
+                                  **sampling_kwargs(p.temperature, p.top_p))
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
             stopping_criteria=[_StepHook(self, job, ids.shape[1])],

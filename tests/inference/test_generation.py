@@ -59,3 +59,11 @@ def test_batch_size_does_not_change_the_text_and_the_bar_counts_rows(model, toke
     assert by_three == generate_replies(model, tokenizer, conversations, max_new_tokens=12, batch_size=len(conversations))
     generate_replies(model, tokenizer, conversations[:2], max_new_tokens=2)
     assert "Generating" not in capsys.readouterr().err  # no bar unless asked
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-4])
+def test_every_tiny_positive_temperature_decodes_greedily(model, tokenizer, temperature):
+    """chat, evaluation and serving share one rule: below GREEDY_BELOW is greedy (1e-300 used to overflow)."""
+    messages = [{"role": "user", "content": "hi"}]
+    greedy = generate_reply(model, tokenizer, messages, max_new_tokens=6)
+    assert generate_reply(model, tokenizer, messages, max_new_tokens=6, temperature=temperature) == greedy
