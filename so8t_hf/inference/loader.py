@@ -43,7 +43,7 @@ def load_for_inference(path: str, device: str = "auto", dtype: str | torch.dtype
     from so8t_hf.thinking.chat_template import apply_thinking_chat_template
 
     device = default_device() if device == "auto" else device
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # the config names remote code: no prompt
     if not getattr(tokenizer, "chat_template", None):
         apply_thinking_chat_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=resolve_dtype(dtype))
