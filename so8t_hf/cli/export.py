@@ -13,33 +13,16 @@ import argparse
 from so8t_hf.inference.loader import DTYPE_NAMES
 
 
-def load_with_adapter(base: str, adapter: str, dtype):
-    """`base` as SO8T-Phi3 with the PEFT `adapter` (LoRA, SO(8) generators, tag-token rows) merged in."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from so8t_hf.modeling import So8tPhi3ForCausalLM
-
-    model = So8tPhi3ForCausalLM.from_pretrained(base, dtype=dtype)
-    try:
-        rows = len(AutoTokenizer.from_pretrained(adapter))
-    except (OSError, ValueError):
-        rows = 0
-    if rows > model.get_input_embeddings().num_embeddings:  # the run resized the embeddings (no spare rows)
-        model.resize_token_embeddings(rows)
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from so8t_hf.hub.checkpoint import release_stop_ids
-    from so8t_hf.inference.loader import resolve_dtype
+    from so8t_hf.inference.loader import load_merged_adapter, resolve_dtype
     from so8t_hf.rotation import merge_so8t_rotations
 
     dtype = resolve_dtype(args.dtype)
     if args.adapter:
-        model = load_with_adapter(args.model, args.adapter, dtype)
+        model = load_merged_adapter(args.model, args.adapter, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=True)
         if not hasattr(model, "so8_rotations"):

@@ -1,5 +1,5 @@
-"""One loader for inference (chat, serving, benchmarks): a saved model directory -> (model, tokenizer),
-and the one parser of dtype names used across the library."""
+"""One loader for inference (chat, serving, benchmarks): a saved model directory -> (model, tokenizer), a base
+with a trained adapter merged in (export, the QLoRA run's `final/`), and the one parser of dtype names."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPE_NAMES", "default_device", "load_for_inference", "resolve_dtype"]
+__all__ = ["DTYPE_NAMES", "default_device", "load_for_inference", "load_merged_adapter", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,3 +53,20 @@ def load_for_inference(path: str, device: str = "auto", dtype: str | torch.dtype
         model = merge_so8t_rotations(model)
     logger.info("loaded %s (%s, %s) on %s", path, type(model).__name__, model.dtype, device)
     return model.to(device).eval(), tokenizer
+
+
+def load_merged_adapter(base: str, adapter: str, dtype: str | torch.dtype = "auto"):
+    """`base` as SO8T-Phi3 with the PEFT `adapter` (LoRA, SO(8) generators, tag-token rows) merged in."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from so8t_hf.modeling import So8tPhi3ForCausalLM
+
+    model = So8tPhi3ForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype))
+    try:
+        rows = len(AutoTokenizer.from_pretrained(adapter))
+    except (OSError, ValueError):
+        rows = 0
+    if rows > model.get_input_embeddings().num_embeddings:  # the run resized the embeddings (no spare rows)
+        model.resize_token_embeddings(rows)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, set_seed
 
-from so8t_hf.inference.loader import resolve_dtype
+from so8t_hf.inference.loader import load_merged_adapter, resolve_dtype
 from so8t_hf.modeling import So8tPhi3Config, So8tPhi3ForCausalLM
 from so8t_hf.sft.config import TINY_MODEL, SO8TModelConfig, ThinkingDataConfig, check_recipe_args
 from so8t_hf.sft.reporting import write_run_reports
@@ -210,12 +210,10 @@ def save_outputs(trainer, tokenizer, model_args: SO8TModelConfig, output_dir: Pa
     if model_args.use_peft:
         model.save_pretrained(output_dir / "adapter")
         tokenizer.save_pretrained(output_dir / "adapter")
-        if model_args.quantized:  # merge into full-precision weights, not into the 4/8-bit base
-            from peft import PeftModel
-
-            base = So8tPhi3ForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.bfloat16)
-            model = PeftModel.from_pretrained(base, output_dir / "adapter")
-        model = model.merge_and_unload()
+        if model_args.quantized:  # merge into full-precision weights (resized like the run), not the 4/8-bit base
+            model = load_merged_adapter(model_args.model_name_or_path, str(output_dir / "adapter"), torch.bfloat16)
+        else:
+            model = model.merge_and_unload()
     model.save_pretrained(output_dir / "final")
     tokenizer.save_pretrained(output_dir / "final")
     complete_checkpoint(output_dir / "final", tags)
