@@ -109,7 +109,7 @@ def build_datasets(data: ThinkingDataConfig, tokenizer, max_length: int | None, 
     dataset = load_thinking_dataset(
         data.dataset_path, tags=tags, on_bad_rows=data.on_bad_rows, report_path=output_dir / "data_report.json",
         system_prompt=data.system_prompt, reasoning_section=data.reasoning_section,
-        drop_earlier_thinking=data.drop_earlier_thinking,
+        drop_earlier_thinking=data.drop_earlier_thinking, max_decompressed_mb=data.max_decompressed_mb,
     )
     truncated = check_truncation(dataset, tokenizer, max_length, tags=tags, report_path=output_dir / "truncation_report.json")
     if any(r.cuts_final for r in truncated):
