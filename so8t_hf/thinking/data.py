@@ -220,12 +220,14 @@ def check_truncation(
     tags: ThinkingTags | str = DEFAULT_TAGS,
     chat_template: str | None = None,
     report_path: str | Path | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[TruncatedRow]:
     """Every row whose chat-template tokens exceed `max_length`, with whether `</final>` is cut off.
 
     Tokens are counted as TRL counts them: the rendered chat template, tokenised without adding
     special tokens (needs a fast tokenizer). Prints a summary when any row is too long and writes
     the list to `report_path` (JSON) when given. Pass the result to `drop_truncated` to drop rows.
+    `chat_template_kwargs` go to the template (`keep_earlier_thinking=True` for rows that keep earlier thinking).
     """
     tags = _as_tags(tags)
     if max_length is None:
@@ -239,7 +241,8 @@ def check_truncation(
                          "so8t_hf.thinking.chat_template.apply_thinking_chat_template(tokenizer) or pass chat_template=")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("check_truncation needs a fast tokenizer (offset mapping)")
-    texts = [tokenizer.apply_chat_template(m, tokenize=False, chat_template=chat_template) for m in dataset["messages"]]
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, chat_template=chat_template, **(chat_template_kwargs or {}))
+             for m in dataset["messages"]]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     sources = dataset["source"] if "source" in dataset.column_names else [None] * len(texts)
     rows: list[TruncatedRow] = []

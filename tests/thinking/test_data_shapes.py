@@ -207,7 +207,7 @@ def test_earlier_turns_without_thinking_are_context_in_the_loss(tiny_tok):
     assert _labelled_text(tiny_tok, ids, "assistant") == mapped("Sum.", "6") + "<|end|>"
     assert _labelled_text(tiny_tok, ids, "final_only") == "<final>6</final><|end|>"
     assert thinking_labels(ids, tiny_tok, "all") == ids
-    out = tiny_tok.apply_chat_template(kept, return_dict=True, return_assistant_tokens_mask=True)
+    out = tiny_tok.apply_chat_template(kept, return_dict=True, return_assistant_tokens_mask=True, keep_earlier_thinking=True)
     ids, mask = out["input_ids"], out["assistant_masks"]  # both turns keep thinking: both train, = the template
     assert [int(lab != -100) for lab in thinking_labels(ids, tiny_tok)] == mask
     assert _labelled_text(tiny_tok, ids, "assistant") == (mapped("Two and two.") + "<|end|>"
