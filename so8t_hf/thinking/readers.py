@@ -276,13 +276,7 @@ def _read_bytes(path: Path, max_decompressed_mb: float | None) -> bytes | bytear
     """The bytes of a regular file, decompressed by its suffix (streaming, at most `max_decompressed_mb`)."""
     with _open_regular(path) as handle:
         suffix = path.suffix.lower()
-        try:
-            if suffix not in _STREAMS:
-                return handle.read()
-            return _decompress(path, handle, suffix, max_decompressed_mb)
-        except MemoryError:
-            raise _unreadable(path, "too large to hold in memory", "split the file, or lower max_decompressed_mb "
-                              "for compressed files") from None
+        return _decompress(path, handle, suffix, max_decompressed_mb) if suffix in _STREAMS else handle.read()
 
 
 def _decompress(path: Path, handle: Any, suffix: str, max_mb: float | None) -> bytearray:
@@ -402,6 +396,14 @@ def read_rows(
 ) -> Iterator[tuple[int | None, int, Any]]:
     """(1-based line or None, 0-based row, row value or RowProblem) for every row of `path`."""
     path = Path(path)
+    try:
+        yield from _rows(path, max_decompressed_mb)
+    except MemoryError:
+        raise _unreadable(path, "too large to hold in memory", "split the file (a whole JSON file is read into "
+                          "memory), or lower max_decompressed_mb for compressed files") from None
+
+
+def _rows(path: Path, max_decompressed_mb: float | None) -> Iterator[tuple[int | None, int, Any]]:
     if path.is_dir():
         yield from _saved_rows(path)
         return

@@ -78,3 +78,19 @@ def test_earlier_turns_without_a_final_and_other_tag_sets():
     apply_thinking_chat_template(tok, r4)
     history[1]["content"] = "<think-logic>Sum.</think-logic>\n<think-ethics>ok"
     assert "Sum." not in tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_the_recipe_trains_earlier_thinking_only_when_it_keeps_it(tmp_path, drop):
+    import json
+
+    from so8t_hf.sft import ThinkingDataConfig
+    from so8t_hf.sft.pipeline import build_datasets
+    from so8t_hf.thinking import DEFAULT_TAGS
+
+    tok = apply_thinking_chat_template(_tiny())
+    (tmp_path / "rows.jsonl").write_text(json.dumps(ROW) + "\n")
+    data = ThinkingDataConfig(dataset_path=[str(tmp_path / "rows.jsonl")], drop_earlier_thinking=drop, eval_fraction=0)
+    train, _, _ = build_datasets(data, tok, None, tmp_path, DEFAULT_TAGS, 0)
+    labelled = tok.decode([t for t in train[0]["labels"] if t != -100])
+    assert labelled == ("" if drop else A1 + "<|end|>") + A2 + "<|end|>"

@@ -112,3 +112,17 @@ def test_the_same_file_named_twice_is_read_once_with_a_warning(tmp_path, monkeyp
     assert len(warned) == 3 and warned[1].startswith("dataset file link.jsonl is the same file as x.jsonl")
     skipped = json.loads((tmp_path / "report.json").read_text())["skipped_files"]
     assert [s["path"] for s in skipped] == ["x.jsonl", "link.jsonl", str(tmp_path / "x.jsonl")]
+
+
+def test_running_out_of_memory_names_the_file(tmp_path, monkeypatch):
+    from so8t_hf.thinking import readers
+
+    path = tmp_path / "huge.jsonl"
+    path.write_text(GOOD + "\n")
+
+    def no_memory(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(readers, "_decode", no_memory)  # as a file too large for memory would end
+    _, problem = one_error(path)
+    assert (problem.file, problem.reason) == (str(path), "too large to hold in memory")
