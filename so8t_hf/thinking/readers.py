@@ -14,14 +14,14 @@ What:
   that cannot be read at all (not a regular file, not UTF-8, bad compression, more than `max_decompressed_mb`
   once decompressed, corrupt Parquet, too large for memory) raises one `DataValidationError` naming the file and,
   for encodings, every bad line.
+- `resolve_dataset_path(path)`: relative paths resolve against the current directory; `data/sample` (the
+  recipes' default) and paths below it fall back to the sample of the so8t_hf source checkout when the current
+  directory has none (logged at INFO).
 
 Hostile files: only regular files are read (a FIFO or a device named `x.jsonl`, or a symlink to one, is refused
 before any byte is read: opened non-blocking, then checked with `fstat`); decompression streams in 1 MiB chunks
 and stops at `max_decompressed_mb` (default 1024, None for no cap), so a small compression bomb fails in about
 the time it takes to decompress the cap.
-- `resolve_dataset_path(path)`: relative paths resolve against the current directory; `data/sample` (the
-  recipes' default) and paths below it fall back to the sample of the so8t_hf source checkout when the current
-  directory has none (logged at INFO).
 
 Locations: `path:17` is the 1-based line of a JSON Lines or JSON file; `path:row 3` the 0-based row index of a
 JSON array or Parquet file. JSON Lines are split on "\\n" only (with an optional "\\r" before it): U+2028,
