@@ -143,6 +143,8 @@ class ThinkingDataConfig:
             `<think>...</think>` answers); the other sections are rendered empty. Default: the tag set's first.
         drop_earlier_thinking (`bool`, defaults to `True`): earlier assistant turns of multi-turn rows keep only
             their final text, as `so8t-hf chat` and the server keep history, and are context, not targets.
+        max_decompressed_mb (`float`, *optional*, defaults to `1024`): the most a compressed data file may
+            decompress to (a compression bomb stops there); null for no cap.
     """
 
     dataset_path: list[str] = field(
@@ -160,6 +162,10 @@ class ThinkingDataConfig:
         default=True,
         metadata={"help": "Earlier assistant turns keep only their final text, as chat and the server keep history "
                           "(context, not targets); false keeps and trains their thinking."},
+    )
+    max_decompressed_mb: float | None = field(
+        default=1024,
+        metadata={"help": "The most a compressed data file (.gz/.bz2/.xz) may decompress to, in MB; null: no cap."},
     )
     on_bad_rows: str = field(
         default="error",

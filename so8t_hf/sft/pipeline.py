@@ -49,7 +49,7 @@ def build_tokenizer(args: SO8TModelConfig, tags):
         tiny_tokenizer_path() if args.model_name_or_path == TINY_MODEL else args.model_name_or_path
     )
     tokenizer = AutoTokenizer.from_pretrained(source)
-    apply_thinking_chat_template(tokenizer)
+    apply_thinking_chat_template(tokenizer, tags)
     summary = add_thinking_tokens(tokenizer, tags=tags)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -92,11 +92,12 @@ def build_model(args: SO8TModelConfig, tokenizer, token_summary):
     return model.train()
 
 
-def tokenize_rows(dataset, tokenizer, mode: str, tags):
-    """`messages` -> `input_ids` + `labels` (-100 outside the `mode` span), kept beside `messages`."""
+def tokenize_rows(dataset, tokenizer, mode: str, tags, keep_earlier_thinking: bool = False):
+    """`messages` -> `input_ids` + `labels` (-100 outside the `mode` span), kept beside `messages`.
+    `keep_earlier_thinking`: the template keeps earlier turns whole (rows loaded with drop_earlier_thinking=False)."""
 
     def encode(row):
-        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, keep_earlier_thinking=keep_earlier_thinking)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         return {"input_ids": ids, "labels": thinking_labels(ids, tokenizer, mode=mode, tags=tags)}
 
@@ -109,9 +110,11 @@ def build_datasets(data: ThinkingDataConfig, tokenizer, max_length: int | None, 
     dataset = load_thinking_dataset(
         data.dataset_path, tags=tags, on_bad_rows=data.on_bad_rows, report_path=output_dir / "data_report.json",
         system_prompt=data.system_prompt, reasoning_section=data.reasoning_section,
-        drop_earlier_thinking=data.drop_earlier_thinking,
+        drop_earlier_thinking=data.drop_earlier_thinking, max_decompressed_mb=data.max_decompressed_mb,
     )
-    truncated = check_truncation(dataset, tokenizer, max_length, tags=tags, report_path=output_dir / "truncation_report.json")
+    keep = not data.drop_earlier_thinking  # the template then keeps earlier turns whole, as the rows hold them
+    truncated = check_truncation(dataset, tokenizer, max_length, tags=tags, report_path=output_dir / "truncation_report.json",
+                                 chat_template_kwargs={"keep_earlier_thinking": keep})
     if any(r.cuts_final for r in truncated):
         if data.on_truncated == "error":
             raise ValueError(f"{sum(r.cuts_final for r in truncated)} rows would lose </final> at max_length="
@@ -120,8 +123,8 @@ def build_datasets(data: ThinkingDataConfig, tokenizer, max_length: int | None, 
     splits = split_train_eval(dataset, eval_fraction=data.eval_fraction, seed=seed) if data.eval_fraction > 0 else None
     train = splits["train"] if splits else dataset
     evaluation = splits["eval"] if splits else None
-    train_tok = tokenize_rows(train, tokenizer, data.loss_mask, tags).remove_columns(["messages", "source"])
-    eval_tok = tokenize_rows(evaluation, tokenizer, data.loss_mask, tags).remove_columns(["messages", "source"]) if evaluation else None
+    train_tok = tokenize_rows(train, tokenizer, data.loss_mask, tags, keep).remove_columns(["messages", "source"])
+    eval_tok = tokenize_rows(evaluation, tokenizer, data.loss_mask, tags, keep).remove_columns(["messages", "source"]) if evaluation else None
     return train_tok, eval_tok, (evaluation["messages"] if evaluation else [])
 
 

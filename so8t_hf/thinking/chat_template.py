@@ -6,7 +6,13 @@ What:
   `<|assistant|>\\n` with `add_generation_prompt`, else the EOS token), with
   `{% generation %}` around each assistant content + `<|end|>`, so that
   `return_assistant_tokens_mask=True` and TRL's `assistant_only_loss=True` train exactly the
-  answer and the token that ends the turn.
+  answer and the token that ends the turn. Earlier turns render as training renders them
+  (`drop_earlier_thinking`, the default): an assistant turn before the last user turn becomes the stripped
+  text of its first `<final>` block ("" when it has thinking but no final; plain text stays, stripped), so a
+  history holding whole replies gives the tokens the model was trained on. `keep_earlier_thinking=True`
+  (a template variable: `apply_chat_template(..., keep_earlier_thinking=True)`) keeps them whole, for rows
+  loaded with `drop_earlier_thinking=False`. `thinking_chat_template(tags)` is the same template for
+  another tag set.
 - `add_thinking_tokens`: the tags as added, NON-special tokens (one id each, `normalized=False`), in the
   model's spare embedding rows when there are any (Phi-3.5: 32,064 rows for 32,011 tokens), else by
   resizing. Non-special, so `decode(..., skip_special_tokens=True)` (what `pipeline("text-generation")`
@@ -37,6 +43,7 @@ from so8t_hf.thinking.format import DEFAULT_TAGS, ThinkingTags
 __all__ = [
     "LOSS_MODES",
     "PHI3_THINKING_CHAT_TEMPLATE",
+    "thinking_chat_template",
     "add_thinking_tokens",
     "make_room_for_tokens",
     "apply_thinking_chat_template",
@@ -46,7 +53,13 @@ __all__ = [
 LOSS_MODES = ("assistant", "final_only", "all")
 IGNORE_INDEX = -100
 
-PHI3_THINKING_CHAT_TEMPLATE = r"""{%- for message in messages %}
+_TEMPLATE = r"""{%- set ns = namespace(last_user=-1) %}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' %}
+        {%- set ns.last_user = loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
     {%- if message['role'] == 'system' %}
         {%- if message['content'] %}
             {{- '<|system|>\n' + message['content'] + '<|end|>\n' }}
@@ -54,9 +67,18 @@ PHI3_THINKING_CHAT_TEMPLATE = r"""{%- for message in messages %}
     {%- elif message['role'] == 'user' %}
         {{- '<|user|>\n' + message['content'] + '<|end|>\n' }}
     {%- elif message['role'] == 'assistant' %}
+        {%- set content = message['content'] %}
+        {%- if loop.index0 < ns.last_user and not (keep_earlier_thinking is defined and keep_earlier_thinking) %}
+            {%- if '@FINAL_OPEN@' in content %}
+                {%- set content = content.split('@FINAL_OPEN@', 1)[1].split('@FINAL_CLOSE@', 1)[0] %}
+            {%- elif @HAS_THINKING@ %}
+                {%- set content = '' %}
+            {%- endif %}
+            {%- set content = content | trim %}
+        {%- endif %}
         {{- '<|assistant|>\n' }}
         {%- generation %}
-            {{- message['content'] + '<|end|>' }}
+            {{- content + '<|end|>' }}
         {%- endgeneration %}
         {{- '\n' }}
     {%- else %}
@@ -70,9 +92,19 @@ PHI3_THINKING_CHAT_TEMPLATE = r"""{%- for message in messages %}
 {%- endif %}"""
 
 
-def apply_thinking_chat_template(tokenizer: Any) -> Any:
-    """Set `PHI3_THINKING_CHAT_TEMPLATE` as the tokenizer's chat template; return the tokenizer."""
-    tokenizer.chat_template = PHI3_THINKING_CHAT_TEMPLATE
+def thinking_chat_template(tags: ThinkingTags = DEFAULT_TAGS) -> str:
+    """The Phi-3 thinking chat template for the tag set `tags` (see the module docstring)."""
+    has_thinking = " or ".join(f"'<{name}>' in content" for name in tags.sections)
+    return (_TEMPLATE.replace("@FINAL_OPEN@", f"<{tags.final}>").replace("@FINAL_CLOSE@", f"</{tags.final}>")
+            .replace("@HAS_THINKING@", has_thinking))
+
+
+PHI3_THINKING_CHAT_TEMPLATE = thinking_chat_template(DEFAULT_TAGS)
+
+
+def apply_thinking_chat_template(tokenizer: Any, tags: ThinkingTags = DEFAULT_TAGS) -> Any:
+    """Set the thinking chat template of `tags` (default: `PHI3_THINKING_CHAT_TEMPLATE`); return the tokenizer."""
+    tokenizer.chat_template = thinking_chat_template(tags)
     return tokenizer
 
 

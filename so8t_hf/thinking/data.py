@@ -19,7 +19,8 @@ so8t_hf source checkout when the current directory has none (logged). Text must 
 an error naming every bad line. JSON Lines split on "\\n" only, so U+2028 / U+2029 / U+0085 inside a row are data.
 
 Ecosystem shapes, mapped onto the configured tag set (details in `validation`'s docstring):
-- chat `messages` whose assistant turns carry `reasoning_content` (or `thinking`) beside a plain answer;
+- chat `messages` whose assistant turns carry `reasoning_content` (or `thinking`) beside a plain answer, or plain
+  answers alone (rendered with empty sections; counted as `rows_without_thinking` in the report);
 - answers written `<think>reasoning</think>answer` (DeepSeek-R1 / Qwen3), in `messages`, `output` or `completion`;
 - TRL's `prompt` / `completion` rows, conversational (message lists) or plain (strings).
 The reasoning becomes the section `reasoning_section` (default: the first section, `task`), the other sections
@@ -49,6 +50,7 @@ from datasets import Dataset, DatasetDict
 from so8t_hf.thinking.format import DEFAULT_TAGS, ThinkingTags, get_tag_preset
 from so8t_hf.thinking.readers import (
     DATA_SUFFIXES,
+    DEFAULT_MAX_DECOMPRESSED_MB,
     DataValidationError,
     RowProblem,
     expand_paths,
@@ -95,6 +97,7 @@ def load_thinking_dataset(
     system_prompt: str | None = None,
     reasoning_section: str | None = None,
     drop_earlier_thinking: bool = True,
+    max_decompressed_mb: float | None = DEFAULT_MAX_DECOMPRESSED_MB,
 ) -> Dataset:
     """Load, validate and normalise thinking-SFT rows into a `Dataset` of `messages` + `source`.
 
@@ -104,7 +107,8 @@ def load_thinking_dataset(
     as file/line/row/field/reason) written in both modes. `system_prompt`: added to rows without a system
     message. `reasoning_section`: the section that receives free-text reasoning (`reasoning_content`,
     `<think>...</think>`); default the first. `drop_earlier_thinking`: earlier assistant turns keep only their
-    final text (what chat keeps in history). Unreadable files always raise.
+    final text (what chat keeps in history). `max_decompressed_mb`: the most a compressed file may decompress to
+    (None: no cap). Unreadable files always raise.
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
@@ -117,10 +121,11 @@ def load_thinking_dataset(
     problems: list[RowProblem] = []
     shapes: Counter[str] = Counter()
     empty: list[str] = []
-    total = 0
+    total = plain = 0
+    no_thinking = "\n".join(f"<{name}></{name}>" for name in tags.sections) + "\n"  # a plain answer's sections
     for path in files:
         before = total
-        for line, row, value in read_rows(path):
+        for line, row, value in read_rows(path, max_decompressed_mb):
             total += 1
             if isinstance(value, RowProblem):
                 problems.append(value)
@@ -131,6 +136,7 @@ def load_thinking_dataset(
                 problems += [RowProblem(str(path), line, row, field, reason) for field, reason in found]
             else:
                 shapes[row_shape(value)] += 1
+                plain += messages[-1]["content"].startswith(no_thinking)
                 kept.append({"messages": messages, "source": f"{path}:{line}" if line else f"{path}:row {row}"})
         if total == before:
             empty.append(str(path))
@@ -141,6 +147,7 @@ def load_thinking_dataset(
             "files": [str(f) for f in files], "skipped_files": skipped, "files_without_rows": empty,
             "on_bad_rows": on_bad_rows, "total_rows": total, "bad_rows": bad, "skipped_rows": 0 if fails else bad,
             "kept_rows": 0 if fails else len(kept), "kept_shapes": {} if fails else dict(sorted(shapes.items())),
+            "rows_without_thinking": 0 if fails else plain,
             "drop_earlier_thinking": drop_earlier_thinking,
             "reasoning_section": reasoning_section or tags.keys[0], "problems": [asdict(p) for p in problems],
         })
@@ -152,6 +159,10 @@ def load_thinking_dataset(
         hint = ("every row is bad" if not kept else
                 "fix them, or pass on_bad_rows='skip' (with report_path=...) to drop these rows with a report")
         raise DataValidationError(problems, hint)
+    if plain:
+        log = logger.warning if plain == len(kept) else logger.info
+        log("%d of %d rows have no thinking (plain answers): they train with empty sections%s", plain, len(kept),
+            "; no row teaches the model to think" if plain == len(kept) else "")
     if problems:
         where = f"; report: {report_path}" if report_path is not None else ""
         logger.warning("skipped %d of %d rows with problems (%d problems)%s", bad, total, len(problems), where)
@@ -209,12 +220,14 @@ def check_truncation(
     tags: ThinkingTags | str = DEFAULT_TAGS,
     chat_template: str | None = None,
     report_path: str | Path | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[TruncatedRow]:
     """Every row whose chat-template tokens exceed `max_length`, with whether `</final>` is cut off.
 
     Tokens are counted as TRL counts them: the rendered chat template, tokenised without adding
     special tokens (needs a fast tokenizer). Prints a summary when any row is too long and writes
     the list to `report_path` (JSON) when given. Pass the result to `drop_truncated` to drop rows.
+    `chat_template_kwargs` go to the template (`keep_earlier_thinking=True` for rows that keep earlier thinking).
     """
     tags = _as_tags(tags)
     if max_length is None:
@@ -228,7 +241,8 @@ def check_truncation(
                          "so8t_hf.thinking.chat_template.apply_thinking_chat_template(tokenizer) or pass chat_template=")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("check_truncation needs a fast tokenizer (offset mapping)")
-    texts = [tokenizer.apply_chat_template(m, tokenize=False, chat_template=chat_template) for m in dataset["messages"]]
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, chat_template=chat_template, **(chat_template_kwargs or {}))
+             for m in dataset["messages"]]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     sources = dataset["source"] if "source" in dataset.column_names else [None] * len(texts)
     rows: list[TruncatedRow] = []

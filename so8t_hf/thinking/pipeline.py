@@ -2,10 +2,17 @@
 
 What: `transformers.TextGenerationPipeline` whose text outputs are `extract_final` of the generation (the
 allow-list of `format.py`: the first `<final>` region outside any thinking, "" when there is none, never the
-thinking). Chat input gives the conversation plus `{"role": "assistant", "content": <final>}`; a string prompt
-gives the prompt plus the final (`return_full_text=False`: the final alone). `return_raw_text=True` adds
-`raw_generated_text`, the generation with its tags (developers, audits). `return_tensors=True` is unchanged.
-The tag set is the model's `config.thinking_tags` (the default set when absent).
+thinking). Chat input gives the conversation plus `{"role": "assistant", "content": <final>}`
+(`return_full_text=False`: the final alone). A string prompt is one user turn, `[{"role": "user", "content":
+prompt}]`, rendered with the chat template and answered exactly as that chat (the model was trained on chat
+turns only; continuing the bare string, as a stock pipeline does, gives no final); a string that already ends
+with the template's generation prompt (`<|assistant|>`) is continued as it is, as text. `return_raw_text=True`
+adds `raw_generated_text`, the generation with its tags (developers, audits). `return_tensors=True` is
+unchanged. The tag set is the model's `config.thinking_tags` (the default set when absent).
+
+Generation is greedy unless asked otherwise (`do_sample=True`, or a `do_sample` in the model's generation
+config): two calls with the same input give the same answer. transformers' own `text-generation` default
+samples (`do_sample=True, temperature=0.7`); this pipeline keeps only its `max_new_tokens=256`.
 
 Shipped as remote code: every so8t_hf checkpoint holds this file as `pipeline_so8t_thinking.py`, the thinking
 format beside it as `format.py`, and names the class in `config.json` under `custom_pipelines`, so
@@ -18,8 +25,8 @@ Origin: transformers' custom pipelines (`custom_pipelines` in a model's config, 
 its instruction pipeline).
 """
 
-from transformers import TextGenerationPipeline
-from transformers.pipelines.text_generation import ReturnType
+from transformers import GenerationConfig, TextGenerationPipeline
+from transformers.pipelines.text_generation import Chat, ReturnType
 
 from .format import DEFAULT_TAGS, ThinkingTags, extract_final
 
@@ -31,8 +38,18 @@ def model_tags(config) -> ThinkingTags:
     return ThinkingTags(sections=tuple(tags["sections"]), final=tags["final"])
 
 
+GENERATION_PROMPT = "<|assistant|>"  # the end of a prompt that the chat template has already rendered
+
+
 class So8tThinkingPipeline(TextGenerationPipeline):
     """`TextGenerationPipeline` that shows only the final answer (see the module docstring)."""
+
+    _default_generation_config = GenerationConfig(max_new_tokens=256)  # greedy: transformers' default samples
+
+    def preprocess(self, prompt_text, *args, **kwargs):
+        if isinstance(prompt_text, str) and not prompt_text.rstrip().endswith(GENERATION_PROMPT):
+            prompt_text = Chat([{"role": "user", "content": prompt_text}])  # one user turn, as the model was trained
+        return super().preprocess(prompt_text, *args, **kwargs)
 
     def _sanitize_parameters(self, return_raw_text=None, **kwargs):
         preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)

@@ -21,12 +21,17 @@ Answers (`output`, a plain `completion`, and the `content` of assistant messages
 - the tag format: `<think-task>...</think-task>...<final>...</final>` (kept as written, checked strictly);
 - `<think>reasoning</think>answer` (DeepSeek-R1, Qwen3; the opening `<think>` may be absent, as in R1 outputs);
 - plain answer text in `content` with the reasoning beside it in the message's `reasoning_content` (TRL, OpenAI-
-  compatible servers, DeepSeek's API) or `thinking` (gpt-oss, LFM templates) string.
-The last two are mapped onto the tag set: the reasoning (stripped) becomes the section `reasoning_section` (a
+  compatible servers, DeepSeek's API) or `thinking` (gpt-oss, LFM templates) string;
+- plain answer text alone (no reasoning; `reasoning_content: null` is no reasoning): a plain chat reply.
+The last three are mapped onto the tag set: the reasoning (stripped) becomes the section `reasoning_section` (a
 section key, default the first: `task` for the default tags), every other section is rendered empty, and the
 answer becomes the final: `<think-task>reasoning</think-task>\\n<think-safety></think-safety>\\n
 <think-policy></think-policy>\\n<final>answer</final>`. Nothing is split or guessed: reasoning written for one
 free-text block is not safety or policy reasoning, so those sections stay empty rather than hold invented text.
+A plain answer renders with every section empty: `<think-task></think-task>\n<think-safety></think-safety>\n
+<think-policy></think-policy>\n<final>answer</final>`, the canonical shape the model always answers in (sections,
+then one final), so the model still opens with its sections and the final alone reaches users; it trains like
+any other answer (its empty sections and its final in `loss_mask: assistant`, the final in `final_only`).
 
 Earlier assistant turns (every assistant turn but the last one of the row): with `drop_earlier_thinking=True`
 (the default) each becomes its final answer text only, stripped, which is what `so8t-hf chat` and the server
@@ -34,10 +39,15 @@ keep in their history (`extract_final` of each reply), so training sees the cont
 may also be plain text (a reply without thinking, as chat histories hold). `thinking_labels` trains no token of
 a turn without tags (it is context, as a user turn is): learning to answer without thinking right after
 `<|assistant|>` is the one thing the model must not learn there. With `drop_earlier_thinking=False` every
-assistant turn must carry thinking and is rendered (and trained) in the tag format.
+assistant turn is rendered (and trained) in the tag format, a plain one with empty sections.
+
+Content is a string, or a list of typed parts (`[{"type": "text", "text": ...}]`, OpenAI / TRL) whose text parts
+are joined with "\n" (as vLLM joins them); any other part type (`image_url`, ...) is refused by name.
 
 Limits: roles are `system` (first message only), `user` and `assistant`, alternating from a user turn (the
-Phi-3 template has no other roles). Content must be plain strings (no lists of typed parts).
+Phi-3 template has no other roles). Tool use is refused with one problem per row: the Phi-3.5 template has no
+`tool` role and renders neither `tool_calls` nor `tools` (it drops them), so such a row cannot be trained as
+the model would see it.
 """
 
 from __future__ import annotations
@@ -60,6 +70,11 @@ __all__ = ["REASONING_KEYS", "ROLES", "ROW_SHAPES", "normalize_thinking_row", "r
 ROLES = ("system", "user", "assistant")
 ROW_SHAPES = ("structured", "output", "prompt_completion", "chat")
 REASONING_KEYS = ("reasoning_content", "thinking")  # message-level reasoning beside a plain answer
+TOOL_ROLES = ("tool", "function", "ipython")  # OpenAI / TRL, OpenAI's older name, Llama 3
+TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id")
+TOOL_REASON = ("tool use is not supported: the Phi-3.5 chat template has no 'tool' role and renders neither "
+               "'tool_calls' nor 'tools' (its own template drops them), so this row cannot be trained as the model "
+               "would see it; remove the tool turns, or drop the row (on_bad_rows: skip)")
 Problem = tuple[str, str]  # (field, reason)
 
 def _present(row: Mapping[str, Any], key: str) -> bool:
@@ -92,6 +107,37 @@ def _string(value: Any, field: str, problems: list[Problem], *, required: bool =
         problems.append((field, "empty"))
         return None
     return value
+
+
+def _join_parts(value: list[Any], field: str, problems: list[Problem]) -> str | None:
+    """The text of a list of typed content parts (`{"type": "text", "text": ...}`), joined with "\\n"."""
+    texts, before = [], len(problems)
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if not isinstance(part, Mapping):
+            problems.append((f"{field}[{i}]", "a content part must be a mapping {'type': 'text', 'text': ...}, got "
+                                              f"{type(part).__name__}"))
+        elif kind != "text":
+            problems.append((f"{field}[{i}].type", f"content part type {kind!r} is not supported: only 'text' parts "
+                                                   "(the model reads text only)"))
+        elif not isinstance(part.get("text"), str):
+            problems.append((f"{field}[{i}].text", f"must be a string, got {type(part.get('text')).__name__}"))
+        else:
+            texts.append(part["text"])
+    return "\n".join(texts) if len(problems) == before else None
+
+
+def _tool_problem(items: list[tuple[str, Any]]) -> Problem | None:
+    """The one problem of a message list that holds a tool turn or a tool call (None without)."""
+    for where, msg in items:
+        if not isinstance(msg, Mapping):
+            continue
+        if msg.get("role") in TOOL_ROLES:
+            return f"{where}.role", TOOL_REASON
+        for key in TOOL_KEYS:
+            if msg.get(key):
+                return f"{where}.{key}", TOOL_REASON
+    return None
 
 
 def _no_specials(text: str | None, field: str, problems: list[Problem], tags: ThinkingTags = DEFAULT_TAGS) -> None:
@@ -137,10 +183,6 @@ def _split_think(text: str, field: str, problems: list[Problem]) -> tuple[str, s
     return reasoning, answer
 
 
-_NO_THINKING = ("holds no thinking: write the tag format (<{first}>...</{first}> ... <{final}>...</{final}>), "
-                "'<think>reasoning</think>answer', or the answer with the reasoning in 'reasoning_content'")
-
-
 def _answer(content: Any, reasoning: Any, field: str, reasoning_field: str, opts: _Options,
             problems: list[Problem], *, earlier: bool) -> str | None:
     """The assistant content in the tag format, or only its final text for an earlier turn when dropping."""
@@ -167,11 +209,9 @@ def _answer(content: Any, reasoning: Any, field: str, reasoning_field: str, opts
         if len(problems) > before:
             return None
         return parse_thinking(text, tags).final if earlier and opts.drop else text
-    elif earlier and opts.drop:  # plain text: a reply as chat histories keep it
+    else:  # a plain answer, without reasoning: empty sections (an earlier turn, when dropping: the text)
         _no_specials(text, field, problems, tags)
-        return None if len(problems) > before else text.strip()
-    else:
-        problems.append((field, _NO_THINKING.format(first=tags.sections[0], final=tags.final)))
+        thinking, final = "", text
     if len(problems) > before:
         return None
     if earlier and opts.drop:
@@ -195,6 +235,10 @@ def _check_turns(
             problems.append((where, f"must be a mapping with 'role' and 'content', got {type(msg).__name__}"))
             continue
         role, content = msg.get("role"), msg.get("content")
+        parts_bad = False
+        if isinstance(content, list):  # typed content parts
+            content = _join_parts(content, f"{where}.content", problems)
+            parts_bad = content is None
         if role not in ROLES:
             problems.append((f"{where}.role", f"unknown role {role!r}; use one of {list(ROLES)}"))
             continue
@@ -204,6 +248,8 @@ def _check_turns(
         if role == "system":
             if i != 0:
                 problems.append((f"{where}.role", "a system message may only come first"))
+            if parts_bad:
+                continue
             text = _string(content, f"{where}.content", problems, required=False)
             _no_specials(text, f"{where}.content", problems, opts.tags)
             if text and text.strip():
@@ -212,6 +258,8 @@ def _check_turns(
         if role != expected:
             problems.append((f"{where}.role", f"expected role '{expected}' here (turns alternate user, assistant)"))
         expected = "assistant" if role == "user" else "user"
+        if parts_bad:
+            continue
         if role == "user":
             text = _string(content, f"{where}.content", problems)
             _no_specials(text, f"{where}.content", problems, opts.tags)
@@ -360,6 +408,10 @@ def normalize_thinking_row(
         keys = sorted(k for k in row if row[k] is not None)
         return None, [("", "unknown row shape: give 'thinking' + 'final' (structured), 'instruction' + 'output', "
                            f"'prompt' + 'completion' (TRL), or 'messages' (chat); the row has keys {keys}")]
+    lists = [(key, row.get(key)) for key in ("messages", "prompt", "completion") if isinstance(row.get(key), list)]
+    tool = _tool_problem([(f"{key}[{i}]", m) for key, value in lists for i, m in enumerate(value)])
+    if tool is not None or row.get("tools"):  # one problem for one cause
+        return None, [tool or ("tools", TOOL_REASON)]
     others, message = _OTHER_SHAPES[shape]
     problems += [(key, message.format(key=key)) for key in others if _present(row, key)]
     if shape == "structured":

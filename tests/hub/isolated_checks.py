@@ -85,11 +85,15 @@ result["pipeline_class"] = type(chat).__name__
 result["pipeline_chat"] = chat([{"role": "user", "content": "2+2?"}])[0]["generated_text"][-1]
 result["pipeline_text"] = chat("2+2?", return_full_text=False)[0]["generated_text"]
 result["pipeline_raw"] = chat("2+2?", return_raw_text=True)[0]["raw_generated_text"]
+result["pipeline_string"] = chat("2+2?")[0]["generated_text"]  # one user turn: the conversation + the final
 answer_ids = tok.encode("<think-task>no final at all</think-task>", add_special_tokens=False)
 result["pipeline_no_final"] = chat([{"role": "user", "content": "2+2?"}])[0]["generated_text"][-1]["content"]
 stock = pipeline("text-generation", model=root, tokenizer=tok)  # a model object: transformers' own pipeline
 stock.model.generate = fake_generate
 result["stock_pipeline"] = [type(stock).__name__, stock([{"role": "user", "content": "2+2?"}])[0]["generated_text"][-1]["content"]]
+greedy = pipeline("text-generation", model=stage, trust_remote_code=True)  # the real model: greedy by default
+result["pipeline_greedy"] = [greedy("2+2?", max_new_tokens=12, return_raw_text=True)[0]["raw_generated_text"]
+                             for _ in range(2)]
 try:
     pipeline("text-generation", model=stage)
     result["pipeline_without_trust"] = "loaded"

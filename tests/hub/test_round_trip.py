@@ -32,6 +32,8 @@ def test_generation_stops_at_end_and_decoding_shows_the_tags(hub_checks):
     assert r["pipeline_class"] == "So8tThinkingPipeline"
     assert r["pipeline_chat"] == {"role": "assistant", "content": "Four."}
     assert r["pipeline_text"] == "Four." and "SECRET plan" in r["pipeline_raw"]
+    assert r["pipeline_string"] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "Four."}]
+    assert r["pipeline_greedy"][0] == r["pipeline_greedy"][1] != ""  # greedy unless asked: two runs agree
     assert r["pipeline_no_final"] == ""  # never the thinking
     assert "trust_remote_code=True" in r["pipeline_without_trust"]
     # transformers' own pipeline (given a model object) shows the thinking marked by its tags, never bare

@@ -166,19 +166,20 @@ BAD_ROWS = [
       "<think-policy>p</think-policy>\n<final>4</final>"}, "output", "out-of-order <think-task>"),
     ({"instruction": "Q", "output": TAGGED.replace("Harmless.", "<think-task>x</think-task>")}, "output",
      "nested tag <think-task> inside <think-safety>"),
-    ({"instruction": "Q", "output": "4"}, "output", "holds no thinking: write the tag format"),
+    ({"instruction": "Q", "output": "4<|end|>"}, "output", "contains the special token '<|end|>'"),  # plain answer
     ({"instruction": "Q", "output": "4 <final>4</final>"}, "output", "text outside tags: '4'"),
     ({"instruction": "Q<|end|>", "output": TAGGED}, "instruction", "contains the special token '<|end|>'"),
     ({"messages": [USER]}, "messages", "the last turn must be 'assistant', got 'user'"),
     ({"messages": []}, "messages", "must be a non-empty list"),
-    ({"messages": [USER, {"role": "tool", "content": "x"}, ASSISTANT]}, "messages[1].role", "unknown role 'tool'"),
+    ({"messages": [USER, {"role": "tool", "content": "x"}, ASSISTANT]}, "messages[1].role",
+     "tool use is not supported: the Phi-3.5 chat template has no 'tool' role"),
     ({"messages": [USER, USER, ASSISTANT]}, "messages[1].role", "expected role 'assistant' here"),
     ({"messages": [USER, {"role": "system", "content": "s"}, ASSISTANT]}, "messages[1].role",
      "a system message may only come first"),
     ({"messages": [USER, {"role": "assistant", "content": "<final>4</final>"}]}, "messages[1].content",
      "missing section <think-task>"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, ASSISTANT]},
-     "messages[0].content", "must be a string, got list"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, ASSISTANT]},
+     "messages[0].content[0].type", "content part type 'image_url' is not supported: only 'text' parts"),
     ({"messages": [USER, ASSISTANT], "instruction": "Q"}, "instruction",
      "a chat row holds its turns in 'messages' only"),
     ({"messages": [USER, ASSISTANT], "thinking": SECTIONS, "final": "A"}, "messages",
@@ -236,7 +237,8 @@ def test_skip_mode_logs_count_and_writes_report(tmp_path, caplog):
     assert json.loads(report.read_text()) == {
         "files": [str(path)], "skipped_files": [], "files_without_rows": [], "on_bad_rows": "skip",
         "total_rows": 7, "bad_rows": 3, "skipped_rows": 3, "kept_rows": 4,
-        "kept_shapes": {"chat": 1, "output": 1, "structured": 2}, "drop_earlier_thinking": True,
+        "kept_shapes": {"chat": 1, "output": 1, "structured": 2}, "rows_without_thinking": 0,
+        "drop_earlier_thinking": True,
         "reasoning_section": "task", "problems": [
             {"file": str(path), "line": 2, "row": 1, "field": "thinking.safety", "reason": "missing"},
             {"file": str(path), "line": 5, "row": 3, "field": "",
@@ -349,13 +351,14 @@ def _final_spans(text: str) -> list[tuple[int, int]]:
 def test_label_masks_exact_on_sample_data(tiny_tok, mode):
     ds = load_thinking_dataset(sample_data_dir(), drop_earlier_thinking=False)  # every turn has thinking
     for messages in ds["messages"]:
-        out = tiny_tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        out = tiny_tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True,
+                                           keep_earlier_thinking=True)  # the template keeps them whole too
         ids, mask = out["input_ids"], out["assistant_masks"]
         labels = thinking_labels(ids, tiny_tok, mode)
         if mode == "assistant":
             expected = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
         elif mode == "final_only":
-            text = tiny_tok.apply_chat_template(messages, tokenize=False)
+            text = tiny_tok.apply_chat_template(messages, tokenize=False, keep_earlier_thinking=True)
             offsets = tiny_tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             spans = _final_spans(text)
             inside = [any(a <= s < b for a, b in spans) for s, _ in offsets]
@@ -373,6 +376,7 @@ def test_trl_prepares_the_dataset_with_assistant_only_loss(tmp_path, tiny_tok):
     from trl import SFTConfig, SFTTrainer
 
     ds = load_thinking_dataset(sample_data_dir(), drop_earlier_thinking=False).select(range(0, 80, 10))
+    ds = ds.add_column("chat_template_kwargs", [{"keep_earlier_thinking": True}] * len(ds))  # TRL passes it on
     model = tiny_so8t(vocab_size=len(tiny_tok), pad_token_id=tiny_tok.pad_token_id, bos_token_id=1,
                       eos_token_id=tiny_tok.eos_token_id, max_position_embeddings=1024)
     args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=1024, report_to="none",
@@ -391,14 +395,16 @@ def test_tags_tokenise_as_single_ids_with_phi35(phi35):
     ds = load_thinking_dataset(sample_data_dir(), drop_earlier_thinking=False)
     tag_ids = {t: phi35.convert_tokens_to_ids(t) for t in DEFAULT_TAGS.tokens}
     assert sorted(tag_ids.values()) == list(range(32011, 32019))
+    keep = {"keep_earlier_thinking": True}  # the rows keep earlier thinking: so does the template
     for messages in ds["messages"]:
-        ids = phi35.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        ids = phi35.apply_chat_template(messages, tokenize=True, return_dict=True, **keep)["input_ids"]
         turns = sum(m["role"] == "assistant" for m in messages)
         assert all(ids.count(i) == turns for i in tag_ids.values())
         assert phi35.unk_token_id not in ids
         labels = thinking_labels(ids, phi35, "final_only")
         finals = [m["content"][m["content"].index("<final>"):] for m in messages if m["role"] == "assistant"]
         assert phi35.decode([t for t in labels if t != -100]) == "".join(f + "<|end|>" for f in finals)
-    lengths = [len(phi35.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]) for m in ds["messages"]]
-    rows = check_truncation(ds, phi35, sorted(lengths)[-3])
+    lengths = [len(phi35.apply_chat_template(m, tokenize=True, return_dict=True, **keep)["input_ids"])
+               for m in ds["messages"]]
+    rows = check_truncation(ds, phi35, sorted(lengths)[-3], chat_template_kwargs=keep)
     assert sorted(r.num_tokens for r in rows) == sorted(lengths)[-2:]

@@ -118,9 +118,7 @@ BAD = [
     ({"messages": [Q, answer("<think>R</think>\n")]}, "messages[1].content", "no answer after '</think>'"),
     ({"messages": [Q, answer("<think>R</think><final>4</final>")]}, "messages[1].content",
      "contains the tag '<final>'; give plain text"),
-    ({"messages": [Q, answer("4")]}, "messages[1].content",
-     "holds no thinking: write the tag format (<think-task>...</think-task> ... <final>...</final>), "
-     "'<think>reasoning</think>answer', or the answer with the reasoning in 'reasoning_content'"),
+    ({"messages": [Q, answer([{"type": "text", "text": 4}])]}, "messages[1].content[0].text", "must be a string, got int"),
     ({"prompt": "Q"}, "completion", "missing (TRL's prompt/completion rows need both)"),
     ({"completion": "<think>R</think>4"}, "prompt", "missing"),
     ({"prompt": [Q], "completion": "<think>R</think>4"}, "completion",
@@ -171,13 +169,13 @@ def test_earlier_turns_keep_only_their_final_text_by_default(earlier, kept):
     assert messages[3] == answer(mapped("Sum.", "6"))  # the last turn keeps its thinking
 
 
-def test_keeping_earlier_thinking_renders_every_turn_and_requires_thinking():
+def test_keeping_earlier_thinking_renders_every_turn_in_the_tag_format():
     row = {"messages": [Q, {"role": "assistant", "content": "4", "reasoning_content": "Sum."}, Q, answer(TAGGED)]}
     messages, problems = normalize_thinking_row(row, drop_earlier_thinking=False)
     assert problems == [] and messages[1] == answer(mapped("Sum.")) and messages[3] == answer(TAGGED)
-    plain = {"messages": [Q, answer("Four."), Q, answer(TAGGED)]}
-    _, problems = normalize_thinking_row(plain, drop_earlier_thinking=False)
-    assert [(f, r.split(":")[0]) for f, r in problems] == [("messages[1].content", "holds no thinking")]
+    plain = {"messages": [Q, answer("Four."), Q, answer(TAGGED)]}  # a plain reply: empty sections
+    messages, problems = normalize_thinking_row(plain, drop_earlier_thinking=False)
+    assert problems == [] and messages[1] == answer(mapped("", "Four."))
 
 
 def test_bad_earlier_turns_are_reported_even_when_their_thinking_is_dropped():
@@ -209,7 +207,7 @@ def test_earlier_turns_without_thinking_are_context_in_the_loss(tiny_tok):
     assert _labelled_text(tiny_tok, ids, "assistant") == mapped("Sum.", "6") + "<|end|>"
     assert _labelled_text(tiny_tok, ids, "final_only") == "<final>6</final><|end|>"
     assert thinking_labels(ids, tiny_tok, "all") == ids
-    out = tiny_tok.apply_chat_template(kept, return_dict=True, return_assistant_tokens_mask=True)
+    out = tiny_tok.apply_chat_template(kept, return_dict=True, return_assistant_tokens_mask=True, keep_earlier_thinking=True)
     ids, mask = out["input_ids"], out["assistant_masks"]  # both turns keep thinking: both train, = the template
     assert [int(lab != -100) for lab in thinking_labels(ids, tiny_tok)] == mask
     assert _labelled_text(tiny_tok, ids, "assistant") == (mapped("Two and two.") + "<|end|>"

@@ -351,11 +351,15 @@ def test_chat_template_renders_phi3_format(phi35):
     expected = ("<|system|>\nBe kind.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n" + GOOD + "<|end|>\n"
                 "<|user|>\nAnd again?<|end|>\n<|assistant|>\n" + GOOD.replace("Hello there.", "Yes.")
                 + "<|end|>\n<|endoftext|>")
-    assert phi35.apply_chat_template(CONVO, tokenize=False) == expected
+    assert phi35.apply_chat_template(CONVO, tokenize=False, keep_earlier_thinking=True) == expected
+    # by default the earlier turn is its final text, as training renders it (drop_earlier_thinking)
+    earlier = expected.replace(GOOD + "<|end|>\n<|user|>", "Hello there.<|end|>\n<|user|>")
+    assert phi35.apply_chat_template(CONVO, tokenize=False) == earlier != expected
     assert phi35.apply_chat_template(CONVO[:2], tokenize=False, add_generation_prompt=True) == (
         "<|system|>\nBe kind.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n")
     original = (PHI35_TOKENIZER / "chat_template.jinja").read_text()
-    for convo, gen in ((CONVO, False), (CONVO[:4], True), ([{"role": "system", "content": ""}] + CONVO[1:3], False)):
+    trained = [*CONVO[:2], {"role": "assistant", "content": "Hello there."}, *CONVO[3:]]  # the history as trained
+    for convo, gen in ((trained, False), (trained[:4], True), ([{"role": "system", "content": ""}] + CONVO[1:3], False)):
         assert phi35.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen) == (
             phi35.apply_chat_template(convo, tokenize=False, add_generation_prompt=gen, chat_template=original))
     with pytest.raises(Exception, match="no role tool"):
@@ -367,7 +371,8 @@ def test_assistant_mask_covers_exactly_the_assistant_content(phi35):
 
     add_thinking_tokens(phi35)
     apply_thinking_chat_template(phi35)
-    out = phi35.apply_chat_template(CONVO, return_dict=True, return_assistant_tokens_mask=True)
+    out = phi35.apply_chat_template(CONVO, return_dict=True, return_assistant_tokens_mask=True,
+                                    keep_earlier_thinking=True)  # both turns whole, as drop_earlier_thinking=False
     ids, mask = out["input_ids"], out["assistant_masks"]
     spans, i = [], 0
     while i < len(mask):
