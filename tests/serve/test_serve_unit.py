@@ -11,7 +11,7 @@ import torch
 from paths import PHI35_TOKENIZER
 
 from so8t_hf.serve.audit import AuditLog, AuditRow, Metrics
-from so8t_hf.serve.auth import AuthError, KeyStore, hash_secret, parse_key_line
+from so8t_hf.serve.auth import AuthError, KeyStore, hash_secret, key_entry, parse_key_line
 from so8t_hf.serve.engine import final_is_closed, visible_final_prefix
 from so8t_hf.thinking import TAG_PRESETS, extract_final, read_final
 
@@ -90,7 +90,9 @@ A, B, C, M = "alice-secret-key-01", "bob-secret-key-0001", "cli-secret-key-0001"
 
 
 def test_key_lines_and_file(tmp_path, caplog):
-    assert parse_key_line(f"alice:{A}") == parse_key_line(f"alice:sha256={hash_secret(A)}")
+    assert parse_key_line(f"alice:{A}") == parse_key_line(f"alice:sha256={hash_secret(A)}:chars={len(A)}")
+    assert parse_key_line(key_entry("alice", A)) == parse_key_line(f"alice:{A}")
+    assert parse_key_line(f"bob:sha256={hash_secret(B)}:chars=19:revoked").revoked
     assert parse_key_line(f"bob:{B}:revoked").revoked
     bare = parse_key_line("just-a-secret-of-20c", allow_bare=True)
     assert bare.key_id == "key-" + hash_secret("just-a-secret-of-20c")[:8]
@@ -99,11 +101,18 @@ def test_key_lines_and_file(tmp_path, caplog):
     for bad, why in [("nocolon-but-long-enough", "expected"), ("a:b:c", "expected"), ("bad id:" + A, "key id"),
                      ("a:sha256=123", "64 hex"), ("a:", "empty secret"), ("a:b c d e f g h i j", "whitespace"),
                      ("a:x", "has 1 characters; use at least 16"), ("a:tab\tseparated-secret", "whitespace"),
-                     ("a:ctrl\x01-secret-secret", "control")]:
+                     ("a:ctrl\x01-secret-secret", "control"),
+                     # a digest alone cannot show its secret's length: it must be stated, and long enough
+                     (f"a:sha256={hash_secret('short')}", "cannot show how long"),
+                     (f"a:sha256={hash_secret('short')}:revoked", "cannot show how long"),
+                     (f"a:sha256={hash_secret('short')}:chars=5", r"has 5 characters \(chars=5\); use at least 16"),
+                     (f"a:sha256={hash_secret(A)}:chars=x", "expected"), (f"a:{A}:chars=19", "expected")]:
         with pytest.raises(ValueError, match=why):
             parse_key_line(bad)
     with pytest.raises(ValueError, match="has 1 characters"):
         KeyStore(["x"])
+    with pytest.raises(ValueError, match="has 5 characters"):
+        key_entry("a", "short")
     f = tmp_path / "keys.txt"
     f.write_text(f"# comment\n\nalice:{A}\nmallory:{M}:revoked\n")
     with pytest.raises(ValueError, match="bad.txt:1"):
@@ -280,25 +289,55 @@ def test_a_02_audit_table_gains_the_new_columns(tmp_path):
     con.close()
 
 
-def test_unauthenticated_counts_are_flushed_as_aggregate_rows_and_kept_while_the_db_fails(tmp_path):
+def test_unauthenticated_counts_are_committed_into_aggregate_rows_at_once(tmp_path):
     db = tmp_path / "audit.db"
-    log = AuditLog.open(db, busy_timeout=0.1)
+    log = AuditLog.open(db, busy_timeout=0.1, aggregate_seconds=3600)
+    t = 7200.0 * 1000  # one bucket
     for i in range(250):
-        log.count_unauthenticated("/think", 401, "invalid_api_key" if i % 2 else "missing_api_key", time.time(), 1.0)
-    assert log.pending == 250 and log.rows_written == 0
+        log.count_unauthenticated("/think", 401, "invalid_api_key" if i % 2 else "missing_api_key", t + i, 1.0 + i % 2)
+    assert log.rows_written == 2  # one row per outcome and bucket...
+
+    def rows():
+        con = sqlite3.connect(db)  # another connection, as after a kill -9: every count is committed already
+        try:
+            return con.execute("SELECT endpoint, status, outcome, count, latency_ms FROM audit ORDER BY outcome").fetchall()
+        finally:
+            con.close()
+
+    assert rows() == [("/think", 401, "invalid_api_key", 125, 2.0), ("/think", 401, "missing_api_key", 125, 1.0)]
     lock = sqlite3.connect(db, isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")
-    assert log.flush() == 0 and log.pending == 250 and not log.healthy and not log.probe()
+    with pytest.raises(sqlite3.OperationalError):
+        log.count_unauthenticated("/think", 401, "missing_api_key", t, 1.0)
+    assert not log.healthy and not log.probe()
     lock.execute("ROLLBACK")
     assert log.probe() and log.healthy
-    assert log.flush() == 250 and log.pending == 0
-    log.count_unauthenticated("/v1/chat/completions", 400, "duplicate_authorization", time.time(), 1.0)
-    log.close()  # the last flush runs at close
+    log.count_unauthenticated("/v1/chat/completions", 400, "duplicate_authorization", t, 1.0)
+    log.count_unauthenticated("/think", 401, "missing_api_key", t + 3600, 1.0)  # the next bucket: a new row
+    log.close()
+    assert [r[:4] for r in rows()] == [("/v1/chat/completions", 400, "duplicate_authorization", 1),
+                                       ("/think", 401, "invalid_api_key", 125), ("/think", 401, "missing_api_key", 125),
+                                       ("/think", 401, "missing_api_key", 1)]
+
+
+def test_a_deleted_or_replaced_audit_db_is_created_anew(tmp_path, caplog):
+    db = tmp_path / "audit.db"
+    log = AuditLog.open(db)
+    log.write(AuditRow("r1", time.time(), "/think", 200, "ok", 1.0))
+    for path in tmp_path.glob("audit.db*"):
+        path.unlink()
+    with caplog.at_level("ERROR", logger="so8t_hf.serve"):
+        log.write(AuditRow("r2", time.time(), "/think", 200, "ok", 1.0))
+    assert log.recreated == 1 and "was deleted or replaced" in caplog.text
+    db.rename(tmp_path / "moved.db")  # rotated away: the next check notices it without a write
+    assert log.check() and log.recreated == 2 and db.exists()
+    log.write(AuditRow("r3", time.time(), "/think", 200, "ok", 1.0, stream=True))
+    log.write(AuditRow("r3", time.time(), "/think", 200, "ok", 2.0, stream=True), update=True)  # a stream's end
+    log.close()
     con = sqlite3.connect(db)
-    rows = con.execute("SELECT endpoint, status, outcome, count FROM audit ORDER BY outcome").fetchall()
+    assert con.execute("SELECT request_id, latency_ms FROM audit").fetchall() == [("r3", 2.0)]
     con.close()
-    assert rows == [("/v1/chat/completions", 400, "duplicate_authorization", 1), ("/think", 401, "invalid_api_key", 125),
-                    ("/think", 401, "missing_api_key", 125)]
+    assert log.rows_written == 3
 
 
 # ------------------------------------------------------------------------------- engine: content, Retry-After
