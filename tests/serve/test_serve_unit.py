@@ -300,7 +300,8 @@ def test_unauthenticated_counts_are_committed_into_aggregate_rows_at_once(tmp_pa
     def rows():
         con = sqlite3.connect(db)  # another connection, as after a kill -9: every count is committed already
         try:
-            return con.execute("SELECT endpoint, status, outcome, count, latency_ms FROM audit ORDER BY outcome").fetchall()
+            sql = "SELECT endpoint, status, outcome, count, latency_ms FROM audit ORDER BY outcome"
+            return con.execute(sql).fetchall()
         finally:
             con.close()
 
@@ -390,3 +391,29 @@ def test_retry_after_comes_from_measured_service_time():
     assert engine.retry_after() == 8  # 8 x 2 s / 2
     engine._service_s.extend([30.0] * 32)
     assert engine.retry_after() == 60  # capped
+
+
+def test_key_entry_cli_refuses_short_secrets_and_writes_lines_that_load(monkeypatch, capsys):
+    import io
+
+    from so8t_hf.serve import auth
+
+    assert auth.main(["ops", "--new"]) == 0
+    out, err = capsys.readouterr()
+    secret = err.rsplit(": ", 1)[1].strip()
+    assert parse_key_line(out.strip()) == parse_key_line(f"ops:{secret}") and secret not in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert auth.main(["ops"]) == 2 and "has 5 characters" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(A + "\n"))
+    assert auth.main(["alice", "--revoked"]) == 0
+    assert parse_key_line(capsys.readouterr().out.strip()) == parse_key_line(f"alice:{A}:revoked")
+
+
+def test_serve_help_documents_the_routes_and_their_defaults():
+    from so8t_hf.serve.cli import build_parser
+
+    text = build_parser().format_help()
+    for needle in ("GET  /v1/models", "temperature 0 (greedy)", "defaults as OpenAI's: temperature 1", "top_p 1",
+                   "--default-max-new-tokens", "--max-header-bytes", "431", "sha256=<64 hex digits>:chars=N",
+                   "Types are strict"):
+        assert needle in text, needle
