@@ -118,6 +118,7 @@ class AuditLog:
         self.recreated_at = ""
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._closed = False
         self._file_id: tuple[int, int] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="so8t-audit")
         self._connect()
@@ -185,23 +186,24 @@ class AuditLog:
         self.healthy, self.last_error = False, type(exc).__name__
 
     def _ensure_file(self) -> None:
-        """Under the lock: if the file at `path` is gone or another one, close the old and create it anew."""
-        if self._db is None:
+        """Under the lock: if the file at `path` is gone or another one, close the old and create it anew (a
+        failed re-creation is retried at the next call)."""
+        if self._closed:
             raise RuntimeError("audit log is closed")
-        try:
-            st = os.stat(self.path)
-            same = (st.st_dev, st.st_ino) == self._file_id
-        except FileNotFoundError:
-            same = False
-        if same:
-            return
-        logger.error("audit DB %s was deleted or replaced under the server: creating it anew (rows committed "
-                     "before are only in the old file)", self.path)
-        old, self._db = self._db, None
-        try:
-            old.close()  # checkpoints into the old file and removes its -wal / -shm
-        except sqlite3.Error:
-            pass
+        if self._db is not None:
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._file_id:
+                    return
+            except FileNotFoundError:
+                pass
+            logger.error("audit DB %s was deleted or replaced under the server: creating it anew (rows committed "
+                         "before are only in the old file)", self.path)
+            old, self._db = self._db, None
+            try:
+                old.close()  # checkpoints into the old file and removes its -wal / -shm
+            except sqlite3.Error:
+                pass
         self._connect()
         self.recreated += 1
         self.recreated_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -290,6 +292,7 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._db is not None:
                 try:
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

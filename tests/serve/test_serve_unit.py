@@ -417,3 +417,20 @@ def test_serve_help_documents_the_routes_and_their_defaults():
                    "--default-max-new-tokens", "--max-header-bytes", "431", "sha256=<64 hex digits>:chars=N",
                    "Types are strict"):
         assert needle in text, needle
+
+
+def test_an_audit_db_replaced_by_a_foreign_file_fails_until_it_is_fixed(tmp_path):
+    db = tmp_path / "audit.db"
+    log = AuditLog.open(db)
+    for path in tmp_path.glob("audit.db*"):
+        path.unlink()
+    db.write_bytes(b"not a database " * 100)
+    with pytest.raises(Exception):
+        log.write(AuditRow("r1", time.time(), "/think", 200, "ok", 1.0))
+    assert not log.healthy and not log.check()
+    db.unlink()  # the operator removes it: the next check creates the DB again
+    assert log.check() and log.healthy and log.recreated == 1
+    log.write(AuditRow("r2", time.time(), "/think", 200, "ok", 1.0))
+    log.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        log.write(AuditRow("r3", time.time(), "/think", 200, "ok", 1.0))
