@@ -9,13 +9,14 @@ Limits: needs the `serve` extra (fastapi, uvicorn); importing this package does 
 or torch models until `create_app` is used.
 """
 
-from so8t_hf.serve.auth import AuthError, KeyStore, hash_secret
-
 __all__ = ["AuditLog", "AuthError", "GenerationEngine", "KeyStore", "ServeSettings", "create_app", "hash_secret",
            "visible_final_prefix"]
 
 
 def __getattr__(name: str):  # lazy: fastapi / transformers only when asked for
+    if name in ("AuthError", "KeyStore", "hash_secret"):  # lazy too: `python -m so8t_hf.serve.auth` runs cleanly
+        from so8t_hf.serve import auth
+        return getattr(auth, name)
     if name in ("ServeSettings", "create_app"):
         from so8t_hf.serve import app
         return getattr(app, name)

@@ -1,20 +1,28 @@
-"""The FastAPI app: `POST /think`, OpenAI-compatible `POST /v1/chat/completions`, `/healthz`, `/metrics`.
+"""The FastAPI app: `POST /think`, OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`,
+`/healthz`, `/metrics`.
 
 What: every API request is authenticated (one Bearer key), size-, time- and shape-checked, queued on
 the `GenerationEngine` (503 + Retry-After from measured throughput when the queue is full), answered
 with the final answer only (fail closed: a withheld final is "" with outcome `withheld`, and
-`finish_reason` `content_filter` on the OpenAI route), and audited (one committed SQLite row per
-authenticated request before the response or the last streamed event leaves; unauthenticated failures
-are counted into aggregate rows). Errors are JSON `{"error": {"type", "message", "request_id"}}`:
-400 invalid JSON or two Authorization headers, 401 missing/unknown key, 403 revoked key, 408 body not
-received in time, 413 body too large, 422 invalid request (schema, too many messages, too many input
-tokens, `max_new_tokens` over the cap, content holding a role / special / tag token), 503 queue full
-or shutting down, 500 anything else (a fixed message, never exception text). On shutdown, requests
-still in flight when the grace period ends (`drain`) get a JSON 503 or an SSE `error` event with their
-request id, audited with that status. Nothing returned or logged holds generated text other than the
-final answer; logs carry ids, lengths, counts and keyed digests only. `usage.completion_tokens` counts
-the final's tokens unless the operator asks for every generated token (it would reveal the thinking's
-length); the thinking digest (an HMAC under the operator's key) is returned only when turned on.
+`finish_reason` `content_filter` on the OpenAI route), and audited: nothing is delivered that was not
+audited. One committed SQLite row per authenticated request before the response leaves; a stream commits
+its row before its first byte (an audit failure is then the same JSON 500 `audit_unavailable` as without
+streaming) and rewrites it before its last event; unauthenticated failures are committed into aggregate
+rows before the 401. All DB work runs on the audit thread, off the event loop. While `/healthz` would be
+503 (audit writes failing, workers stopped), every API request gets 503 `unavailable` with Retry-After
+at once, without touching the DB (no audit row then: it is in `/metrics` and the log).
+
+Errors are JSON `{"error": {"type", "message", "request_id"}}`: 400 invalid JSON or two Authorization
+headers, 401 missing/unknown key, 403 revoked key, 408 body not received in time, 413 body too large,
+431 request headers too large, 422 invalid request (schema and strict types, too many messages, too many
+input tokens, `max_new_tokens` over the cap, content holding a role / special / tag token), 503 queue
+full, shutting down or unavailable, 500 anything else (a fixed message, never exception text). On
+shutdown, requests still in flight when the grace period ends (`drain`) get a JSON 503 or an SSE `error`
+event with their request id, audited with that status; one still uploading its body gets the JSON 503
+then too. Nothing returned or logged holds generated text other than the final answer; logs carry ids,
+lengths, counts and keyed digests only. `usage.completion_tokens` counts the final's tokens unless the
+operator asks for every generated token (it would reveal the thinking's length); the thinking digest (an
+HMAC under the operator's key) is returned only when turned on.
 
 Limits: one model per process; `/healthz` and `/metrics` are unauthenticated (they expose counts
 only, but the generated-token counter moves by each request's total: keep `/metrics` internal);
@@ -45,10 +53,12 @@ from so8t_hf.serve.schemas import ApiError, ChatRequest, ServeSettings, ThinkReq
 __all__ = ["ServeSettings", "create_app"]
 
 logger = logging.getLogger("so8t_hf.serve")
+AUDIT_CHECK_SECONDS = 1.0  # how often the audit DB file is checked (deleted? replaced?) and, while failing, probed
+UNAVAILABLE_RETRY_AFTER = 2  # Retry-After (seconds) of a 503 `unavailable`
 
 
 class _ClosingStream(StreamingResponse):
-    """A streaming response that calls `on_close` when it ends, even if its body never started."""
+    """A streaming response that awaits `on_close()` when it ends, even if its body never started."""
 
     def __init__(self, content: Any, on_close: Any, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
@@ -58,7 +68,25 @@ class _ClosingStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._on_close()
+            await asyncio.shield(self._on_close())
+
+
+class _HeaderLimit:
+    """ASGI middleware: request headers over `limit` bytes get 431 (`on_refuse(path)` audits it first)."""
+
+    def __init__(self, app: Any, limit: int, on_refuse: Any) -> None:
+        self.app, self.limit, self.on_refuse = app, limit, on_refuse
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > self.limit:
+            rid = uuid.uuid4().hex
+            await self.on_refuse(scope.get("path", ""))
+            body = {"error": {"type": "headers_too_large", "message": f"the request headers are over {self.limit} "
+                              "bytes", "request_id": rid}}
+            await JSONResponse(body, status_code=431, headers={"X-Request-ID": rid, "Connection": "close"})(
+                scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class _Ctx:
@@ -68,39 +96,41 @@ class _Ctx:
         self.rid = uuid.uuid4().hex
         self.ts, self.t0 = time.time(), time.monotonic()
         self.endpoint, self.key_id, self.stream, self.done = endpoint, None, False, False
+        self.begun = False  # a stream's first row (outcome `streaming`) is committed
 
 
 def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settings: ServeSettings | None = None,
                start_engine: bool = True) -> FastAPI:
-    """The app; the lifespan starts the engine's workers and the audit flusher and, on shutdown, stops them and
+    """The app; the lifespan starts the engine's workers and the audit check and, on shutdown, stops them and
     closes the audit DB. `app.state.drain()` ends every request still in flight with a 503 (the server's grace
     period calls it)."""
     settings = settings or ServeSettings()
     metrics = Metrics()
     draining = asyncio.Event()
 
-    async def flush_every(seconds: float) -> None:
+    created = int(time.time())
+
+    async def check_every(seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            await asyncio.to_thread(audit.flush)
+            await audit.run(audit.check)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if start_engine:
             engine.start()
-        flusher = asyncio.create_task(flush_every(settings.audit_aggregate_seconds))
+        checker = asyncio.create_task(check_every(AUDIT_CHECK_SECONDS))
         try:
             yield
         finally:
-            flusher.cancel()
+            checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+                await checker
             await asyncio.to_thread(engine.stop)
             try:
-                audit.close()
+                await audit.run(audit.close)
             except Exception as exc:  # noqa: BLE001
-                logger.error("audit close failed: %s (%d unauthenticated failures not committed)",
-                             type(exc).__name__, audit.pending)
+                logger.error("audit close failed: %s", type(exc).__name__)
             logger.info("shutdown complete: %d audit rows committed", audit.rows_written)
 
     app = FastAPI(title="so8t_hf serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -115,6 +145,16 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
 
     app.state.drain = drain
 
+    async def headers_too_large(path: str) -> None:
+        endpoint = path if path in ("/think", "/v1/chat/completions", "/v1/models") else "other"
+        metrics.record(endpoint, "headers_too_large", 431, 0.0)
+        try:
+            await audit.run(audit.count_unauthenticated, endpoint, 431, "headers_too_large", time.time(), 0.0)
+        except Exception as exc:  # noqa: BLE001 - the 431 goes out anyway: it delivers nothing
+            logger.error("audit write failed: 431 headers_too_large error=%s", type(exc).__name__)
+
+    app.add_middleware(_HeaderLimit, limit=settings.max_header_bytes, on_refuse=headers_too_large)
+
     def log_line(ctx: _Ctx, status: int, outcome: str, row: AuditRow, latency: float) -> None:
         logger.info(
             "request_id=%s endpoint=%s key_id=%s status=%d outcome=%s stream=%d final_chars=%s prompt_tokens=%s "
@@ -123,7 +163,18 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
             latency * 1000,
         )
 
-    def finish(ctx: _Ctx, status: int, outcome: str, result: GenResult | None = None) -> bool:
+    async def begin(ctx: _Ctx) -> bool:
+        """A stream's row, committed before its first byte (outcome `streaming`); False if the write failed."""
+        try:
+            await audit.run(audit.write, AuditRow(ctx.rid, ctx.ts, ctx.endpoint, 200, "streaming", 0.0, ctx.key_id,
+                                                  True))
+        except Exception as exc:  # noqa: BLE001
+            logger.error("audit write failed: request_id=%s error=%s", ctx.rid, type(exc).__name__)
+            return False
+        ctx.begun = True
+        return True
+
+    async def finish(ctx: _Ctx, status: int, outcome: str, result: GenResult | None = None) -> bool:
         """Commit the audit row (once), count it, log it (ids, lengths, digests only). False if the write failed."""
         if ctx.done:
             return True
@@ -136,7 +187,7 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
             row.finish_reason, row.generation_text = result.finish_reason, result.text
         ok = True
         try:
-            audit.write(row)
+            await audit.run(audit.write, row, ctx.begun)
         except Exception as exc:  # noqa: BLE001
             logger.error("audit write failed: request_id=%s error=%s", ctx.rid, type(exc).__name__)
             ok = False
@@ -148,20 +199,60 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
         body = {"error": {"type": code, "message": message, "request_id": ctx.rid}}
         return JSONResponse(body, status_code=status, headers={"X-Request-ID": ctx.rid, **(headers or {})})
 
-    def error(ctx: _Ctx, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        if not finish(ctx, status, code) and status < 500:
+    async def error(ctx: _Ctx, status: int, code: str, message: str,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+        if not await finish(ctx, status, code) and status < 500:
             status, code, message = 500, "audit_unavailable", "the request could not be audited"
         return respond(ctx, status, code, message, headers)
 
-    def unauthenticated(ctx: _Ctx, exc: AuthError) -> JSONResponse:
-        """No valid key: counted into an aggregate audit row (not one row each), logged, answered."""
+    async def unauthenticated(ctx: _Ctx, exc: AuthError) -> JSONResponse:
+        """No valid key: committed into an aggregate audit row (not one row each) before the answer, logged."""
         ctx.done = True
         latency = time.monotonic() - ctx.t0
-        audit.count_unauthenticated(ctx.endpoint, exc.status, exc.code, ctx.ts, latency * 1000)
-        metrics.record(ctx.endpoint, exc.code, exc.status, latency)
-        log_line(ctx, exc.status, exc.code, AuditRow(ctx.rid, ctx.ts, ctx.endpoint, exc.status, exc.code, 0), latency)
-        challenge = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return respond(ctx, exc.status, exc.code, str(exc), challenge)
+        status, code, message = exc.status, exc.code, str(exc)
+        try:
+            await audit.run(audit.count_unauthenticated, ctx.endpoint, exc.status, exc.code, ctx.ts, latency * 1000)
+        except Exception as err:  # noqa: BLE001
+            logger.error("audit write failed: request_id=%s error=%s", ctx.rid, type(err).__name__)
+            status, code, message = 500, "audit_unavailable", "the request could not be audited"
+        metrics.record(ctx.endpoint, code, status, latency)
+        log_line(ctx, status, code, AuditRow(ctx.rid, ctx.ts, ctx.endpoint, status, code, 0), latency)
+        challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return respond(ctx, status, code, message, challenge)
+
+    def unavailable_reason() -> str | None:
+        """Why `/healthz` is 503 now (audit writes failing, workers stopped), or None."""
+        if not audit.healthy:
+            return f"audit failing ({audit.last_error})"
+        if start_engine and not engine.workers_alive:
+            return "generation workers stopped"
+        return None
+
+    def refuse_unavailable(ctx: _Ctx, why: str) -> JSONResponse:
+        """503 at once, no DB work (it is failing or nothing can be generated): in /metrics and the log."""
+        ctx.done = True
+        latency = time.monotonic() - ctx.t0
+        metrics.record(ctx.endpoint, "unavailable", 503, latency)
+        log_line(ctx, 503, "unavailable", AuditRow(ctx.rid, ctx.ts, ctx.endpoint, 503, "unavailable", 0), latency)
+        return respond(ctx, 503, "unavailable", f"the server cannot take requests now ({why}); retry later",
+                       {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
+
+    async def admit(ctx: _Ctx, request: Request) -> JSONResponse | None:
+        """Refuse (draining, unavailable, authentication) with the response, or None when the request may go on."""
+        if draining.is_set():
+            err = job_error("ShuttingDown")
+            return await error(ctx, err.status, err.code, err.message)
+        why = unavailable_reason()
+        if why is not None:
+            return refuse_unavailable(ctx, why)
+        try:
+            ctx.key_id = keys.authenticate(request.headers.getlist("authorization")).key_id
+        except AuthError as exc:
+            if exc.status == 403:
+                ctx.key_id = exc.key_id
+                return await error(ctx, exc.status, exc.code, str(exc))
+            return await unauthenticated(ctx, exc)
+        return None
 
     def gen_inputs(req: Any, openai: bool) -> tuple[list[dict[str, str]], GenParams]:
         if openai:
@@ -244,7 +335,7 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
                 if kind == "delta":
                     yield chunk(ctx, {"content": value}) if openai else sse({"text": value}, "delta")
                     continue
-                if kind == "done" and finish(ctx, 200, value.outcome, value):
+                if kind == "done" and await finish(ctx, 200, value.outcome, value):
                     if openai:
                         yield chunk(ctx, {}, finish_reason(value))
                         yield "data: [DONE]\n\n"
@@ -253,22 +344,23 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
                     return
                 err = ApiError(500, "audit_unavailable", "the request could not be audited") if kind == "done" \
                     else job_error(value)
-                finish(ctx, err.status, err.code)
+                await finish(ctx, err.status, err.code)
                 yield sse_error(ctx, err.code, err.message)
                 return
         except Exception as exc:  # noqa: BLE001 - log the type only; end the stream with a fixed error event
             logger.error("stream error: request_id=%s error=%s", ctx.rid, type(exc).__name__)
-            finish(ctx, 500, "internal_error")
+            await finish(ctx, 500, "internal_error")
             yield sse_error(ctx, "internal_error", "internal server error")
         finally:
             job.cancel.set()
-            finish(ctx, 499, "client_disconnected")
 
     def closer(ctx: _Ctx, job: Job):
-        def close() -> None:  # runs once the streaming response ends, however it ends
+        async def close() -> None:  # runs once the streaming response ends, however it ends
             job.cancel.set()
-            finish(ctx, 499, "client_disconnected")
-            metrics.leave()
+            try:
+                await finish(ctx, 499, "client_disconnected")
+            finally:
+                metrics.leave()
         return close
 
     async def handle(request: Request, endpoint: str, openai: bool):
@@ -278,20 +370,17 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
         handed_off = False
         try:
             try:
-                if draining.is_set():
-                    raise job_error("ShuttingDown")
-                try:
-                    ctx.key_id = keys.authenticate(request.headers.getlist("authorization")).key_id
-                except AuthError as exc:
-                    if exc.status == 403:
-                        ctx.key_id = exc.key_id
-                        return error(ctx, exc.status, exc.code, str(exc))
-                    return unauthenticated(ctx, exc)
-                raw = await read_body(request, settings.max_body_bytes, settings.body_timeout)
+                refused = await admit(ctx, request)
+                if refused is not None:
+                    return refused
+                raw = await read_body(request, settings.max_body_bytes, settings.body_timeout, draining)
                 req = parse(raw, ChatRequest if openai else ThinkRequest)
                 ctx.stream = bool(req.stream)
                 messages, params = gen_inputs(req, openai)
                 job = Job(encode(messages, params.max_new_tokens), params, asyncio.get_running_loop(), ctx.stream)
+                if ctx.stream and not await begin(ctx):  # no byte of a stream leaves before its row is committed
+                    await finish(ctx, 500, "audit_unavailable")
+                    return respond(ctx, 500, "audit_unavailable", "the request could not be audited", None)
                 engine.submit(job)
                 if ctx.stream:
                     handed_off = True
@@ -300,20 +389,20 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
                                           headers={"X-Request-ID": ctx.rid, "Cache-Control": "no-cache"})
                 result = await wait_result(job)
             except QueueFull as exc:
-                return error(ctx, 503, "queue_full", "the request queue is full; retry later",
-                             {"Retry-After": str(exc.retry_after)})
+                return await error(ctx, 503, "queue_full", "the request queue is full; retry later",
+                                   {"Retry-After": str(exc.retry_after)})
             except ApiError as exc:
-                return error(ctx, exc.status, exc.code, exc.message, exc.headers)
-            if not finish(ctx, 200, result.outcome, result):  # no answer leaves without its audit row
+                return await error(ctx, exc.status, exc.code, exc.message, exc.headers)
+            if not await finish(ctx, 200, result.outcome, result):  # no answer leaves without its audit row
                 return respond(ctx, 500, "audit_unavailable", "the request could not be audited", None)
             return JSONResponse(body_of(ctx, result, openai), headers={"X-Request-ID": ctx.rid})
         except asyncio.CancelledError:
-            finish(ctx, 499, "cancelled")
+            await asyncio.shield(finish(ctx, 499, "cancelled"))
             raise
         except Exception as exc:  # noqa: BLE001 - log type + code locations only: its text could quote data
             frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
             logger.error("internal error: request_id=%s error=%s\n%s", ctx.rid, type(exc).__name__, frames)
-            return error(ctx, 500, "internal_error", "internal server error")
+            return await error(ctx, 500, "internal_error", "internal server error")
         finally:
             if job is not None and not handed_off:
                 job.cancel.set()
@@ -328,21 +417,40 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
     async def chat_completions(request: Request):
         return await handle(request, "/v1/chat/completions", openai=True)
 
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        """OpenAI's model list (the one model served); authenticated and audited like the other routes."""
+        ctx = _Ctx("/v1/models")
+        refused = await admit(ctx, request)
+        if refused is not None:
+            return refused
+        if not await finish(ctx, 200, "ok"):
+            return respond(ctx, 500, "audit_unavailable", "the request could not be audited", None)
+        model = {"id": engine.model_name, "object": "model", "created": created, "owned_by": "so8t_hf"}
+        return JSONResponse({"object": "list", "data": [model]}, headers={"X-Request-ID": ctx.rid})
+
     @app.get("/healthz")
     async def healthz():
-        """200 when the workers run, the audit DB takes writes (probed while failing) and no drain began."""
+        """200 when the workers run, the audit DB takes writes and no drain began. Never waits on a locked DB:
+        while failing, a probe (at most 0.2 s on a lock) gets 0.5 s on the audit thread, else the state stands."""
         alive = engine.workers_alive
-        audit_ok = audit.healthy or await asyncio.to_thread(audit.probe)
+        if not audit.healthy:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(audit.run(audit.probe), 0.5)
+        audit_ok = audit.healthy
         ok = alive and audit_ok and not draining.is_set()
+        detail = "ok" if audit_ok else f"failing ({audit.last_error})"
+        if audit.recreated:
+            detail += (f"; the DB file was deleted or replaced and recreated {audit.recreated} time(s), last at "
+                       f"{audit.recreated_at}: earlier rows are not in {audit.path}")
         body = {"status": "ok" if ok else "unavailable", "model": engine.model_name, "queue_depth": engine.queue_depth,
-                "generating": engine.active, "workers": "ok" if alive else "stopped",
-                "audit": "ok" if audit_ok else f"failing ({audit.last_error})"}
+                "generating": engine.active, "workers": "ok" if alive else "stopped", "audit": detail}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics():
         text = metrics.prometheus(engine.queue_depth, engine.active, engine.max_queue, audit.rows_written,
-                                  audit.healthy, audit.pending)
+                                  audit.healthy, audit.recreated)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,35 +1,50 @@
 """The audit log (SQLite in WAL mode) and the in-memory request metrics behind `GET /metrics`.
 
-What: one `audit` row per API request, written and committed synchronously (`synchronous=FULL`)
-before the response, or the last streamed event, leaves the server: request id, time, endpoint, key
-id, HTTP status, outcome, thinking digest (HMAC, only when the operator turns digests on), final
-length, token counts, finish reason, latency, and `count` (1). Unauthenticated failures (no key, an
-unknown key, a bad or doubled Authorization header) are aggregated instead: one row per (endpoint,
-status, outcome) and flush interval, whose `count` is the number of requests (nothing is lost: the
-counts wait in memory until a flush commits them, and the last flush runs at shutdown). So the sum of
-`count` equals the requests. The raw generation (thinking included) is stored in `generation_text`
+What: one `audit` row per API request, written and committed (`synchronous=FULL`) before the response, or
+the first byte of a stream, leaves the server: request id, time, endpoint, key id, HTTP status, outcome,
+thinking digest (HMAC, only when the operator turns digests on), final length, token counts, finish
+reason, latency, and `count` (1). A stream's row is committed with outcome `streaming` before its first
+event and rewritten with its end (a `streaming` row is a stream whose process died). Unauthenticated
+failures (no key, an unknown key, a bad or doubled Authorization header) are aggregated into one row per
+(endpoint, status, outcome) and time bucket of `aggregate_seconds`, whose `count` is the number of
+requests; each failure is committed into its row before the 401 leaves (it survives `kill -9`). So the
+sum of `count` equals the requests. The raw generation (thinking included) is stored in `generation_text`
 only with `--audit-store-thinking`; otherwise that column is NULL and the database holds no thinking.
 
 `AuditLog.open` checks the path before anything else is loaded: it creates the file (and its folder),
 sets WAL, creates or checks the table (a table of another shape is refused; a 0.2 table gains the new
 columns) and commits a probe write, raising `AuditError("audit DB PATH: cause")` otherwise. A failed
-write marks the log unhealthy (`/healthz` 503) until a write or a `probe()` succeeds again.
+write marks the log unhealthy (`/healthz` 503, requests refused) until a write or a `probe()` succeeds
+again. A DB file deleted or replaced under the server is noticed at the next write or `check()` (the app
+runs it every second): the log closes the old file, creates a new one at the path and counts it in
+`recreated` (logged as an error, in `/metrics` and `/healthz`); rows committed before stay in the old
+file only.
+
+All DB work runs on one worker thread (`run`), never on the event loop: a locked DB delays the requests
+that wait for their row, not `/healthz` or `/metrics`.
 
 Limits: one writer connection behind a lock (a few ms per row); one server process per database;
-no retention policy (rotate the file offline). Metrics are per process and reset on restart.
+no retention policy (rotate the file offline, then restart or let the server recreate it). Metrics are
+per process and reset on restart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["AUDIT_COLUMNS", "AuditError", "AuditLog", "AuditRow", "Metrics"]
+
+logger = logging.getLogger("so8t_hf.serve")
+_PROBE_BUSY_MS = 200  # a probe waits at most this long for a locked DB (health checks stay quick)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -88,17 +103,28 @@ def _cause(exc: BaseException) -> str:
 
 
 class AuditLog:
-    """Append-only SQLite audit table; `write` commits before it returns."""
+    """Append-only SQLite audit table; `write` commits before it returns; `run` calls it on the DB thread."""
 
-    def __init__(self, path: str | Path, store_thinking: bool = False, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str | Path, store_thinking: bool = False, busy_timeout: float = 5.0,
+                 aggregate_seconds: float = 10.0) -> None:
         self.path = Path(path)
         self.store_thinking = store_thinking
+        self.busy_timeout = busy_timeout
+        self.aggregate_seconds = aggregate_seconds
         self.rows_written = 0
         self.healthy = True
         self.last_error = ""
+        self.recreated = 0  # times the DB file was found deleted or replaced and created anew
+        self.recreated_at = ""
         self._lock = threading.Lock()
-        self._pending: dict[tuple[str, int, str], list[float]] = {}  # (endpoint, status, outcome) -> [n, ts, sum ms]
         self._db: sqlite3.Connection | None = None
+        self._closed = False
+        self._file_id: tuple[int, int] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="so8t-audit")
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open (creating it if needed) and check the DB at `self.path`, or raise `AuditError`."""
         try:
             if self.path.is_dir():
                 raise IsADirectoryError("it is a directory")
@@ -107,7 +133,7 @@ class AuditLog:
                     raise NotADirectoryError(f"{parent} is a file, not a folder")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
-                                       timeout=busy_timeout)
+                                       timeout=self.busy_timeout)
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL journaling here (got {mode})")
@@ -115,9 +141,12 @@ class AuditLog:
             self._check_table()
             self._db.executescript(_SCHEMA)
             self._probe()
+            st = os.stat(self.path)
+            self._file_id = (st.st_dev, st.st_ino)
         except (AuditError, OSError, sqlite3.Error) as exc:
             if self._db is not None:
                 self._db.close()
+                self._db = None
             if isinstance(exc, AuditError):
                 raise
             cause = _cause(exc)
@@ -130,9 +159,14 @@ class AuditLog:
             raise AuditError(f"audit DB {self.path}: {cause}") from None
 
     @classmethod
-    def open(cls, path: str | Path, store_thinking: bool = False, busy_timeout: float = 5.0) -> AuditLog:
+    def open(cls, path: str | Path, store_thinking: bool = False, busy_timeout: float = 5.0,
+             aggregate_seconds: float = 10.0) -> AuditLog:
         """`AuditLog(...)`: open and check the DB, or raise `AuditError` naming the path and the cause."""
-        return cls(path, store_thinking, busy_timeout)
+        return cls(path, store_thinking, busy_timeout, aggregate_seconds)
+
+    async def run(self, fn, *args):
+        """`fn(*args)` on the audit thread (writes stay in order; the event loop never waits on SQLite)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _check_table(self) -> None:
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(audit)")}
@@ -151,79 +185,121 @@ class AuditLog:
     def _failed(self, exc: BaseException) -> None:
         self.healthy, self.last_error = False, type(exc).__name__
 
+    def _ensure_file(self) -> None:
+        """Under the lock: if the file at `path` is gone or another one, close the old and create it anew (a
+        failed re-creation is retried at the next call)."""
+        if self._closed:
+            raise RuntimeError("audit log is closed")
+        if self._db is not None:
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._file_id:
+                    return
+            except FileNotFoundError:
+                pass
+            logger.error("audit DB %s was deleted or replaced under the server: creating it anew (rows committed "
+                         "before are only in the old file)", self.path)
+            old, self._db = self._db, None
+            try:
+                old.close()  # checkpoints into the old file and removes its -wal / -shm
+            except sqlite3.Error:
+                pass
+        self._connect()
+        self.recreated += 1
+        self.recreated_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
     def probe(self) -> bool:
-        """Commit a probe write (outside the audit table); True and healthy again when it succeeds."""
+        """Commit a probe write (outside the audit table) waiting at most 0.2 s for a lock; True and healthy
+        again when it succeeds."""
         with self._lock:
             try:
-                if self._db is None:
-                    raise RuntimeError("audit log is closed")
-                self._probe()
+                self._ensure_file()
+                self._db.execute(f"PRAGMA busy_timeout={_PROBE_BUSY_MS}")
+                try:
+                    self._probe()
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             except Exception as exc:  # noqa: BLE001
                 self._failed(exc)
                 return False
             self.healthy = True
             return True
 
-    def write(self, row: AuditRow) -> None:
+    def check(self) -> bool:
+        """The periodic check: notice a deleted or replaced file (recreate it), probe while unhealthy."""
+        if not self.healthy:
+            return self.probe()
+        with self._lock:
+            try:
+                self._ensure_file()
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc)
+                return False
+        return True
+
+    @staticmethod
+    def _values(row: AuditRow, store_thinking: bool) -> dict:
         values = asdict(row)
-        if not self.store_thinking:
+        if not store_thinking:
             values["generation_text"] = None
         values["stream"] = int(row.stream)
         values["ts_iso"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(row.ts)) + f".{int(row.ts % 1 * 1000):03d}Z"
-        cols = ", ".join(values)
-        marks = ", ".join(f":{k}" for k in values)
+        return values
+
+    def _execute(self, statements) -> list[int]:
+        """Run (sql, params) statements in one committed transaction (under the lock); their row counts."""
         with self._lock:
             try:
-                if self._db is None:
-                    raise RuntimeError("audit log is closed")
-                self._db.execute(f"INSERT INTO audit ({cols}) VALUES ({marks})", values)  # autocommit
+                self._ensure_file()
+                if len(statements) == 1:
+                    return [self._db.execute(*statements[0]).rowcount]  # autocommit
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    counts = [self._db.execute(*st).rowcount for st in statements]
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                return counts
             except Exception as exc:
                 self._failed(exc)
                 raise
-            self.healthy = True
-            self.rows_written += 1
+
+    def write(self, row: AuditRow, update: bool = False) -> None:
+        """Commit `row`; `update=True` replaces the row this request committed before (a stream's first row)."""
+        values = self._values(row, self.store_thinking)
+        cols = ", ".join(values)
+        marks = ", ".join(f":{k}" for k in values)
+        verb = "INSERT OR REPLACE" if update else "INSERT"
+        self._execute([(f"{verb} INTO audit ({cols}) VALUES ({marks})", values)])
+        self.healthy = True
+        self.rows_written += 0 if update else 1
 
     def count_unauthenticated(self, endpoint: str, status: int, outcome: str, ts: float, latency_ms: float) -> None:
-        """Count one unauthenticated failure; `flush` writes the counts as aggregate rows."""
-        with self._lock:
-            entry = self._pending.setdefault((endpoint, status, outcome), [0, ts, 0.0])
-            entry[0] += 1
-            entry[2] += latency_ms
-
-    @property
-    def pending(self) -> int:
-        """Unauthenticated failures counted but not yet committed."""
-        with self._lock:
-            return int(sum(e[0] for e in self._pending.values()))
-
-    def flush(self) -> int:
-        """Commit the pending counts (one row per endpoint, status and outcome); returns the requests committed.
-        Counts whose row cannot be written stay pending."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        done = 0
-        for (endpoint, status, outcome), (n, ts, total) in pending.items():
-            row = AuditRow(f"agg-{uuid.uuid4().hex}", ts, endpoint, status, outcome, total / n, count=int(n))
-            try:
-                self.write(row)
-                done += int(n)
-            except Exception:  # noqa: BLE001 - kept for the next flush; write() marked the log unhealthy
-                with self._lock:
-                    entry = self._pending.setdefault((endpoint, status, outcome), [0, ts, 0.0])
-                    entry[0] += n
-                    entry[1] = min(entry[1], ts)
-                    entry[2] += total
-        return done
+        """Commit one unauthenticated failure into its aggregate row (endpoint, status, outcome, time bucket)."""
+        bucket = int(ts // self.aggregate_seconds) if self.aggregate_seconds > 0 else int(ts)
+        rid = f"agg-{bucket}-{status}-{outcome}-{endpoint}"
+        values = self._values(AuditRow(rid, ts, endpoint, status, outcome, latency_ms), False)
+        cols = ", ".join(values)
+        marks = ", ".join(f":{k}" for k in values)
+        updated, *_ = self._execute([
+            ("UPDATE audit SET latency_ms = (latency_ms * count + :latency_ms) / (count + 1), count = count + 1 "
+             "WHERE request_id = :request_id", values),
+            (f"INSERT OR IGNORE INTO audit ({cols}) VALUES ({marks})", values),
+        ])
+        self.healthy = True
+        self.rows_written += 0 if updated else 1
 
     def close(self) -> None:
-        self.flush()
         with self._lock:
+            self._closed = True
             if self._db is not None:
                 try:
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 finally:
                     self._db.close()
                     self._db = None
+        self._executor.shutdown(wait=False)
 
 
 class Metrics:
@@ -269,7 +345,7 @@ class Metrics:
         return {q: lat[min(len(lat) - 1, int(q * len(lat)))] for q in self.QUANTILES}
 
     def prometheus(self, queue_depth: int, active: int, max_queue: int, audit_rows: int, audit_ok: bool = True,
-                   audit_pending: int = 0) -> str:
+                   audit_recreated: int = 0) -> str:
         """Prometheus text exposition format (version 0.0.4)."""
         out = ["# HELP so8t_requests_total API requests by endpoint and outcome.",
                "# TYPE so8t_requests_total counter"]
@@ -294,8 +370,8 @@ class Metrics:
             ("so8t_completion_tokens_total", "counter", ctok, "Generated tokens."),
             ("so8t_audit_rows_total", "counter", audit_rows, "Audit rows committed by this process."),
             ("so8t_audit_ok", "gauge", int(audit_ok), "1 while audit writes succeed."),
-            ("so8t_audit_pending_unauthenticated", "gauge", audit_pending,
-             "Unauthenticated failures counted but not yet in an aggregate audit row."),
+            ("so8t_audit_db_recreated_total", "counter", audit_recreated,
+             "Times the audit DB file was found deleted or replaced and created anew."),
         ):
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(out) + "\n"

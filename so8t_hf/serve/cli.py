@@ -5,8 +5,11 @@ source, exit 2, before any model is loaded), then loads the model and serves `cr
 pre-bound socket (so `--port 0` picks a free port, printed as `listening on http://HOST:PORT`).
 SIGTERM / SIGINT: no new connections; in-flight requests (streams included) get `--graceful-timeout`
 seconds to finish, then every one still running ends as a JSON 503 `shutting_down` (or an SSE
-`error` event) with its request id and an audit row with that status; the workers stop, the audit
-DB is flushed, checkpointed and closed, and the process exits 0.
+`error` event) with its request id and an audit row with that status (a request still uploading its
+body included); the workers stop, the audit DB is checkpointed and closed, and the process exits 0.
+Headers over `--max-header-bytes` get 431 with a JSON error: from the app (counted in the aggregate
+audit rows) when the head arrived whole, from uvicorn's h11 protocol (logged; uvicorn's own answer
+would be a plain 400) when it is still arriving past the limit.
 
 Limits: one process (uvicorn `workers` > 1 would load the model once per process and need one
 audit DB each); TLS is left to a reverse proxy.
@@ -37,18 +40,27 @@ endpoints:
                               stream (SSE). -> {"final", "usage", "request_id", "finish_reason", "outcome"}
                               ("final" is "" when the generation has no final answer, outcome no_final, or
                               when it is withheld, outcome withheld: fail closed, see README)
+                              defaults: temperature 0 (greedy), top_p 1, max_new_tokens --default-max-new-tokens
   POST /v1/chat/completions   OpenAI-compatible (content = the final answer only; stream supported;
                               finish_reason content_filter when the final is withheld)
-  GET  /healthz (503 while the audit DB fails or the workers stopped), GET /metrics (Prometheus text)
+                              defaults as OpenAI's: temperature 1 (sampling: send "temperature": 0 for
+                              greedy), top_p 1; max_tokens / max_completion_tokens --default-max-new-tokens
+  GET  /v1/models             OpenAI's model list: {"object": "list", "data": [{"id": --model-name, ...}]}
+  GET  /healthz (503 while the audit DB fails or the workers stopped; API requests then get 503
+                unavailable with Retry-After), GET /metrics (Prometheus text)
+Types are strict: "stream": "yes", "max_new_tokens": "8" or true, "temperature": "0.5" are 422.
 
 API keys (send "Authorization: Bearer <secret>"; secrets of at least 16 characters, UTF-8 welcome):
 put them in --api-keys-file or in $SO8T_API_KEYS (entries separated by whitespace), one entry each:
   key_id:secret                  a key in clear (hashed with SHA-256 on load)
-  key_id:sha256=<64 hex digits>  the same key by the SHA-256 of its secret (printf %s SECRET | sha256sum)
+  key_id:sha256=<64 hex digits>:chars=N
+                                 the same key by the SHA-256 of its secret and the secret's length N (at
+                                 least 16): python -m so8t_hf.serve.auth KEY_ID [--new] writes this line
   key_id:<secret or sha256=...>:revoked
                                  a revoked key: 403 instead of 401
-The file is re-read when it changes (checked every second): a bad line is logged with file:line and
-grants nothing, a revoked or removed key stops working, a deleted file removes its keys.
+The file (UTF-8, a BOM allowed) is re-read when its content changes (checked every second): a bad line,
+one that is not UTF-8 included, is logged with file:line and grants nothing, a revoked or removed key
+stops working, a deleted file removes its keys.
 --api-key KEY also works but puts the secret in the process list (warned).
 
 Thinking digests (off by default): --thinking-digest audit stores an HMAC-SHA256 of the thinking in the
@@ -56,9 +68,9 @@ audit DB, --thinking-digest response also returns it as "thinking_hmac"; the key
 --thinking-digest-key-file or $SO8T_THINKING_DIGEST_KEY (at least 32 bytes).
 
 limits give 4xx JSON errors {"error": {"type", "message", "request_id"}}: 413 body too large,
-408 body too slow, 400 invalid JSON or two Authorization headers, 422 invalid request / too many
-messages / too many input tokens / max_new_tokens over the cap / role, special or tag tokens in the
-content; 503 with Retry-After when the queue is full.
+408 body too slow, 431 headers over --max-header-bytes, 400 invalid JSON or two Authorization headers,
+422 invalid request / too many messages / too many input tokens / max_new_tokens over the cap / role,
+special or tag tokens in the content; 503 with Retry-After when the queue is full.
 """
 
 
@@ -82,7 +94,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit-busy-timeout", type=float, default=5.0,
                    help="seconds an audit write waits for a locked DB before the request fails (5)")
     p.add_argument("--audit-aggregate-seconds", type=float, default=10.0,
-                   help="flush interval of the aggregate rows of unauthenticated failures (10)")
+                   help="time bucket of the aggregate rows of unauthenticated failures (each failure is committed "
+                        "into its bucket's row before the 401; 10)")
     p.add_argument("--thinking-digest", default="off", choices=["off", "audit", "response"],
                    help="HMAC of the thinking: off (default), in the audit DB, or also in responses")
     p.add_argument("--thinking-digest-key-file", metavar="FILE",
@@ -95,6 +108,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-new-tokens", type=_positive, default=256,
                    help="max_new_tokens when a request gives none (256, capped by the cap)")
     p.add_argument("--max-body-bytes", type=_positive, default=65536, help="largest request body (65536)")
+    p.add_argument("--max-header-bytes", type=_positive, default=16384,
+                   help="largest request line + headers; more gets 431 (16384)")
     p.add_argument("--max-messages", type=_positive, default=32, help="most messages per request (32)")
     p.add_argument("--max-input-tokens", type=_positive, default=2048, help="most prompt tokens per request (2048)")
     p.add_argument("--workers", type=_positive, default=1, help="generation threads sharing the model (1)")
@@ -153,6 +168,39 @@ def _digest_key(args: argparse.Namespace) -> bytes | None:
     return key
 
 
+def _protocol_class():
+    """uvicorn's h11 protocol answering an oversized head with 431 and a JSON error instead of a plain 400."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _H11Protocol(H11Protocol):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._hint, next_event = 400, self.conn.next_event
+
+            def tracked():  # remember h11's status hint (431 for a head over the limit) for send_400_response
+                try:
+                    return next_event()
+                except h11.RemoteProtocolError as exc:
+                    self._hint = exc.error_status_hint
+                    raise
+
+            self.conn.next_event = tracked
+
+        def send_400_response(self, msg: str) -> None:
+            if self._hint != 431:
+                return super().send_400_response(msg)
+            logger.warning("431: request headers over --max-header-bytes from %s", (self.client or ("?",))[0])
+            body = b'{"error": {"type": "headers_too_large", "message": "the request headers are too large"}}'
+            for event in (h11.Response(status_code=431, reason=b"Request Header Fields Too Large", headers=[
+                    (b"content-type", b"application/json"), (b"connection", b"close")]),
+                    h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return _H11Protocol
+
+
 def _server_class():
     import uvicorn
 
@@ -190,7 +238,8 @@ def run_serve(args: argparse.Namespace) -> int:
         keys = KeyStore(args.api_key, args.api_keys_file, os.environ.get(ENV_KEYS))
         tags = get_tag_preset(args.tags)
         digest_key = _digest_key(args)
-        audit = AuditLog.open(args.audit_db, args.audit_store_thinking, args.audit_busy_timeout)
+        audit = AuditLog.open(args.audit_db, args.audit_store_thinking, args.audit_busy_timeout,
+                              args.audit_aggregate_seconds)
     except (OSError, ValueError, AuditError) as exc:
         print(f"so8t-hf serve: error: {exc}", file=sys.stderr)
         return 2
@@ -199,7 +248,7 @@ def run_serve(args: argparse.Namespace) -> int:
                        "cmdline): use --api-keys-file or $%s", ENV_KEYS)
     settings = ServeSettings(args.max_new_tokens_cap, args.default_max_new_tokens, args.max_body_bytes,
                              args.max_messages, args.max_input_tokens, args.body_timeout, args.thinking_digest,
-                             args.usage_counts_thinking, args.audit_aggregate_seconds)
+                             args.usage_counts_thinking, args.max_header_bytes)
     if args.torch_threads:
         import torch
 
@@ -217,7 +266,8 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=not args.no_access_log,
-                            timeout_graceful_shutdown=args.graceful_timeout + 30, lifespan="on")
+                            timeout_graceful_shutdown=args.graceful_timeout + 30, lifespan="on",
+                            http=_protocol_class(), h11_max_incomplete_event_size=args.max_header_bytes)
     server = _server_class()(config, app.state.drain, args.graceful_timeout)
     logger.info("model %s loaded (%d API keys, audit %s%s, thinking digest %s); listening on http://%s:%d", name,
                 len(keys), args.audit_db, ", storing thinking" if args.audit_store_thinking else "",

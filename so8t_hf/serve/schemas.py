@@ -2,7 +2,11 @@
 
 What: `ServeSettings` (the CLI's request limits and policies), `ThinkRequest` / `ChatRequest`, `ApiError`
 (a JSON error with a status), `read_body` (size limit 413, time limit 408 against slow senders) and
-`parse` (400 invalid JSON, 422 schema errors that never echo the client's data).
+`parse` (400 invalid JSON, 422 schema errors that never echo the client's data). Numbers and flags are
+strict JSON types: `"stream": "yes"`, `"max_new_tokens": "8"` or `true`, `"temperature": "0.5"` are 422,
+not coerced (an integer temperature such as `0` is a number and accepted). Defaults: `/think` samples
+greedily (`temperature` 0, `top_p` 1); `/v1/chat/completions` follows OpenAI (`temperature` 1, `top_p` 1);
+both generate at most `ServeSettings.default_max_new_tokens` tokens when the request gives no limit.
 
 Limits: `n` must be 1 and `stop` sequences are not supported on the OpenAI route.
 """
@@ -32,7 +36,7 @@ class ServeSettings:
     body_timeout: float = 30.0  # seconds to receive the whole body (a slow sender gets 408)
     thinking_digest: str = "off"  # "off" | "audit" (HMAC in the audit row) | "response" (also returned to clients)
     usage_counts_thinking: bool = False  # usage.completion_tokens counts thinking tokens too (reveals its length)
-    audit_aggregate_seconds: float = 10.0  # flush interval of the aggregated unauthenticated-failure rows
+    max_header_bytes: int = 16384  # request headers over this get 431
 
 
 class ApiError(Exception):
@@ -52,10 +56,10 @@ class ThinkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     messages: list[Message] | None = Field(None, min_length=1)
     query: str | None = Field(None, min_length=1)
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stream: bool = False
+    max_new_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
+    stream: bool = Field(False, strict=True)
 
     @model_validator(mode="after")
     def _one_input(self) -> ThinkRequest:
@@ -77,12 +81,12 @@ class ChatMessage(BaseModel):
 class ChatRequest(BaseModel):  # unknown OpenAI fields are ignored
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)  # OpenAI's default
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
+    stream: bool = Field(False, strict=True)
+    n: int = Field(1, ge=1, le=1, strict=True)
     stop: None = Field(None, description="stop sequences are not supported")
 
 
@@ -92,13 +96,24 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)[:2000]
 
 
-async def read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The body, at most `limit` bytes (413), received within `timeout` seconds (408)."""
+async def read_body(request: Request, limit: int, timeout: float, abort: asyncio.Event | None = None) -> bytes:
+    """The body, at most `limit` bytes (413), received within `timeout` seconds (408); 503 `shutting_down` as
+    soon as `abort` is set (the end of the shutdown grace period: a slow upload does not hold the server)."""
+    reading = asyncio.ensure_future(_read_body(request, limit))
+    waiters = {reading} | ({asyncio.ensure_future(abort.wait())} if abort is not None else set())
     try:
-        return await asyncio.wait_for(_read_body(request, limit), timeout)
-    except asyncio.TimeoutError:
-        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout:g} s",
-                       {"Connection": "close"}) from None
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waiters:
+            if not task.done():
+                task.cancel()
+    if reading in done:
+        return reading.result()
+    if abort is not None and abort.is_set():
+        raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance or later",
+                       {"Connection": "close"})
+    raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout:g} s",
+                   {"Connection": "close"})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(not PHI35_TOKENIZER.is_dir(),
 
 ALICE = {"Authorization": "Bearer alice-secret-key-01"}
 UTF8_SECRET = "\u043a\u043b\u044e\u0447-\u0441\u0435\u043a\u0440\u0435\u0442-\u5bc6\u94a5-2026"  # Cyrillic + CJK
-KEYS = (f"# test keys\nalice:alice-secret-key-01\nbob:sha256={hash_secret('bob-secret-key-0001')}\n"
+KEYS = (f"# test keys\nalice:alice-secret-key-01\nbob:sha256={hash_secret('bob-secret-key-0001')}:chars=19\n"
         f"mallory:mallory-secret-key1:revoked\nutf8:{UTF8_SECRET}\n")
 CAP, BODY, MESSAGES, INPUT_TOKENS, QUEUE = 64, 4096, 4, 64, 8
 
@@ -55,6 +55,7 @@ def server(demo, tmp_path_factory):
         "--max-messages", str(MESSAGES), "--max-input-tokens", str(INPUT_TOKENS), "--body-timeout", "1",
         "--audit-busy-timeout", "0.3", "--audit-aggregate-seconds", "0.5"], name="http")
     srv.keys_file = keys
+    srv.model_name = demo.path.name
     yield srv
     assert srv.terminate() == 0
 
@@ -126,22 +127,19 @@ def test_unauthenticated_failures_are_aggregated_in_the_audit_without_losing_the
         rows = [r for r in audit_rows(server.audit_db) if r["request_id"].startswith("agg-")]
         return len(rows), sum(r["count"] for r in rows)
 
-    time.sleep(1.2)  # the previous tests' failures are flushed
+    time.sleep(0.6)  # the previous tests' failures are in older buckets
     rows_before, count_before = agg()
     total_before = len(audit_rows(server.audit_db))
     t0 = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda i: httpx.post(f"{server.url}/think", json={"query": "x"}, timeout=30, headers={
             "Authorization": f"Bearer wrong-key-number-{i:04d}"} if i % 2 else {}).status_code, range(300)))
-    flushes = (time.monotonic() - t0) / 0.5 + 2
+    buckets = (time.monotonic() - t0) / 0.5 + 2
     assert codes == [401] * 300
-    time.sleep(1.5)  # --audit-aggregate-seconds 0.5
-    rows_after, count_after = agg()
+    rows_after, count_after = agg()  # no wait: each failure was committed before its 401
     assert count_after - count_before == 300  # every failure counted...
-    assert rows_after - rows_before <= min(2 * flushes, 60)  # ...in one row per outcome and flush, not 300
+    assert rows_after - rows_before <= min(2 * buckets, 150)  # ...in one row per outcome and time bucket, not 300
     assert len(audit_rows(server.audit_db)) - total_before == rows_after - rows_before
-    m = client.get("/metrics").text
-    assert metric(m, "so8t_audit_pending_unauthenticated") == 0
 
 
 def test_keys_file_is_reloaded_for_live_revocation(server, client):
@@ -200,6 +198,19 @@ LIMIT_CASES = [
     ("/think", {"query": "hi", "max_new_tokens": CAP + 1}, 422, "max_new_tokens_over_cap"),
     ("/think", {"messages": _msgs(MESSAGES + 1)}, 422, "too_many_messages"),
     ("/think", {"query": "word " * (INPUT_TOKENS + 10)}, 422, "too_many_input_tokens"),
+    # strict JSON types: no string, boolean or float coerced into a number or a flag
+    ("/think", {"query": "hi", "stream": "yes"}, 422, "invalid_request"),
+    ("/think", {"query": "hi", "stream": 1}, 422, "invalid_request"),
+    ("/think", {"query": "hi", "max_new_tokens": True}, 422, "invalid_request"),
+    ("/think", {"query": "hi", "max_new_tokens": "8"}, 422, "invalid_request"),
+    ("/think", {"query": "hi", "max_new_tokens": 8.0}, 422, "invalid_request"),
+    ("/think", {"query": "hi", "temperature": "0.5"}, 422, "invalid_request"),
+    ("/think", {"query": "hi", "temperature": True}, 422, "invalid_request"),
+    ("/think", {"query": "hi", "top_p": "1"}, 422, "invalid_request"),
+    ("/v1/chat/completions", {"messages": _msgs(1), "stream": "yes"}, 422, "invalid_request"),
+    ("/v1/chat/completions", {"messages": _msgs(1), "max_tokens": "8"}, 422, "invalid_request"),
+    ("/v1/chat/completions", {"messages": _msgs(1), "max_completion_tokens": True}, 422, "invalid_request"),
+    ("/v1/chat/completions", {"messages": _msgs(1), "temperature": "0.5"}, 422, "invalid_request"),
     ("/v1/chat/completions", {"messages": _msgs(1), "n": 2}, 422, "invalid_request"),
     ("/v1/chat/completions", {"messages": _msgs(1), "stop": ["x"]}, 422, "invalid_request"),
     ("/v1/chat/completions", {"messages": "hi"}, 422, "invalid_request"),
@@ -236,6 +247,50 @@ def test_chunked_body_over_limit_and_unknown_routes(client):
     assert r.status_code == 413 and r.json()["error"]["type"] == "body_too_large"
     assert client.get("/nope").status_code == 404 and client.get("/nope").json()["error"]["type"] == "not_found"
     assert client.get("/think", headers=ALICE).status_code == 405
+
+
+def test_a_100_kb_header_gets_431(server, client):
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    u = urlparse(server.url)
+    request = (b"POST /think HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-secret-key-01\r\nX-Big: "
+               + b"a" * 100_000 + b"\r\nContent-Length: 2\r\n\r\n{}")
+    for piece in (len(request), 8192):  # the head in one read (the app's check), or in pieces (h11's limit)
+        with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+            try:
+                for i in range(0, len(request), piece):
+                    sock.sendall(request[i:i + piece])
+                    time.sleep(0.01 if piece < len(request) else 0)
+            except OSError:  # the server answered and closed before the rest arrived
+                pass
+            data = b""
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except OSError:
+                pass
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431"), (piece, head)
+        assert json.loads(body)["error"]["type"] == "headers_too_large"
+    assert client.get("/healthz", headers={"X-Normal": "b" * 4000}).status_code == 200  # ordinary headers pass
+
+
+def test_v1_models_is_openai_shaped_authenticated_and_audited(server, client):
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer mallory-secret-key1"}).status_code == 403
+    r = client.get("/v1/models", headers=ALICE)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and len(body["data"]) == 1
+    model = body["data"][0]
+    assert set(model) == {"id", "object", "created", "owned_by"} and model["object"] == "model"
+    assert model["id"] == server.model_name and isinstance(model["created"], int)
+    row = rows_by_id(server)[r.headers["X-Request-ID"]]
+    assert (row["endpoint"], row["status"], row["key_id"]) == ("/v1/models", 200, "alice")
+    chat = client.post("/v1/chat/completions", json={"messages": _msgs(1), "max_tokens": 4}, headers=ALICE).json()
+    assert chat["model"] == model["id"]  # the id the chat route reports
 
 
 def test_final_only_no_digest_and_usage_hides_the_thinking_length(server, client, demo):
@@ -367,7 +422,7 @@ def test_client_disconnect_mid_stream_is_audited(server, client):
         next(r.iter_lines())
     for _ in range(100):
         row = rows_by_id(server).get(rid)
-        if row:
+        if row and row["outcome"] != "streaming":  # committed before the first byte, rewritten at the end
             break
         time.sleep(0.05)
     assert row is not None and row["outcome"] in ("client_disconnected", "malformed")  # tiny model may finish first

@@ -11,7 +11,7 @@ import torch
 from paths import PHI35_TOKENIZER
 
 from so8t_hf.serve.audit import AuditLog, AuditRow, Metrics
-from so8t_hf.serve.auth import AuthError, KeyStore, hash_secret, parse_key_line
+from so8t_hf.serve.auth import AuthError, KeyStore, hash_secret, key_entry, parse_key_line
 from so8t_hf.serve.engine import final_is_closed, visible_final_prefix
 from so8t_hf.thinking import TAG_PRESETS, extract_final, read_final
 
@@ -90,7 +90,9 @@ A, B, C, M = "alice-secret-key-01", "bob-secret-key-0001", "cli-secret-key-0001"
 
 
 def test_key_lines_and_file(tmp_path, caplog):
-    assert parse_key_line(f"alice:{A}") == parse_key_line(f"alice:sha256={hash_secret(A)}")
+    assert parse_key_line(f"alice:{A}") == parse_key_line(f"alice:sha256={hash_secret(A)}:chars={len(A)}")
+    assert parse_key_line(key_entry("alice", A)) == parse_key_line(f"alice:{A}")
+    assert parse_key_line(f"bob:sha256={hash_secret(B)}:chars=19:revoked").revoked
     assert parse_key_line(f"bob:{B}:revoked").revoked
     bare = parse_key_line("just-a-secret-of-20c", allow_bare=True)
     assert bare.key_id == "key-" + hash_secret("just-a-secret-of-20c")[:8]
@@ -99,11 +101,18 @@ def test_key_lines_and_file(tmp_path, caplog):
     for bad, why in [("nocolon-but-long-enough", "expected"), ("a:b:c", "expected"), ("bad id:" + A, "key id"),
                      ("a:sha256=123", "64 hex"), ("a:", "empty secret"), ("a:b c d e f g h i j", "whitespace"),
                      ("a:x", "has 1 characters; use at least 16"), ("a:tab\tseparated-secret", "whitespace"),
-                     ("a:ctrl\x01-secret-secret", "control")]:
+                     ("a:ctrl\x01-secret-secret", "control"),
+                     # a digest alone cannot show its secret's length: it must be stated, and long enough
+                     (f"a:sha256={hash_secret('short')}", "cannot show how long"),
+                     (f"a:sha256={hash_secret('short')}:revoked", "cannot show how long"),
+                     (f"a:sha256={hash_secret('short')}:chars=5", r"has 5 characters \(chars=5\); use at least 16"),
+                     (f"a:sha256={hash_secret(A)}:chars=x", "expected"), (f"a:{A}:chars=19", "expected")]:
         with pytest.raises(ValueError, match=why):
             parse_key_line(bad)
     with pytest.raises(ValueError, match="has 1 characters"):
         KeyStore(["x"])
+    with pytest.raises(ValueError, match="has 5 characters"):
+        key_entry("a", "short")
     f = tmp_path / "keys.txt"
     f.write_text(f"# comment\n\nalice:{A}\nmallory:{M}:revoked\n")
     with pytest.raises(ValueError, match="bad.txt:1"):
@@ -280,25 +289,56 @@ def test_a_02_audit_table_gains_the_new_columns(tmp_path):
     con.close()
 
 
-def test_unauthenticated_counts_are_flushed_as_aggregate_rows_and_kept_while_the_db_fails(tmp_path):
+def test_unauthenticated_counts_are_committed_into_aggregate_rows_at_once(tmp_path):
     db = tmp_path / "audit.db"
-    log = AuditLog.open(db, busy_timeout=0.1)
+    log = AuditLog.open(db, busy_timeout=0.1, aggregate_seconds=3600)
+    t = 7200.0 * 1000  # one bucket
     for i in range(250):
-        log.count_unauthenticated("/think", 401, "invalid_api_key" if i % 2 else "missing_api_key", time.time(), 1.0)
-    assert log.pending == 250 and log.rows_written == 0
+        log.count_unauthenticated("/think", 401, "invalid_api_key" if i % 2 else "missing_api_key", t + i, 1.0 + i % 2)
+    assert log.rows_written == 2  # one row per outcome and bucket...
+
+    def rows():
+        con = sqlite3.connect(db)  # another connection, as after a kill -9: every count is committed already
+        try:
+            sql = "SELECT endpoint, status, outcome, count, latency_ms FROM audit ORDER BY outcome"
+            return con.execute(sql).fetchall()
+        finally:
+            con.close()
+
+    assert rows() == [("/think", 401, "invalid_api_key", 125, 2.0), ("/think", 401, "missing_api_key", 125, 1.0)]
     lock = sqlite3.connect(db, isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")
-    assert log.flush() == 0 and log.pending == 250 and not log.healthy and not log.probe()
+    with pytest.raises(sqlite3.OperationalError):
+        log.count_unauthenticated("/think", 401, "missing_api_key", t, 1.0)
+    assert not log.healthy and not log.probe()
     lock.execute("ROLLBACK")
     assert log.probe() and log.healthy
-    assert log.flush() == 250 and log.pending == 0
-    log.count_unauthenticated("/v1/chat/completions", 400, "duplicate_authorization", time.time(), 1.0)
-    log.close()  # the last flush runs at close
+    log.count_unauthenticated("/v1/chat/completions", 400, "duplicate_authorization", t, 1.0)
+    log.count_unauthenticated("/think", 401, "missing_api_key", t + 3600, 1.0)  # the next bucket: a new row
+    log.close()
+    assert [r[:4] for r in rows()] == [("/v1/chat/completions", 400, "duplicate_authorization", 1),
+                                       ("/think", 401, "invalid_api_key", 125), ("/think", 401, "missing_api_key", 125),
+                                       ("/think", 401, "missing_api_key", 1)]
+
+
+def test_a_deleted_or_replaced_audit_db_is_created_anew(tmp_path, caplog):
+    db = tmp_path / "audit.db"
+    log = AuditLog.open(db)
+    log.write(AuditRow("r1", time.time(), "/think", 200, "ok", 1.0))
+    for path in tmp_path.glob("audit.db*"):
+        path.unlink()
+    with caplog.at_level("ERROR", logger="so8t_hf.serve"):
+        log.write(AuditRow("r2", time.time(), "/think", 200, "ok", 1.0))
+    assert log.recreated == 1 and "was deleted or replaced" in caplog.text
+    db.rename(tmp_path / "moved.db")  # rotated away: the next check notices it without a write
+    assert log.check() and log.recreated == 2 and db.exists()
+    log.write(AuditRow("r3", time.time(), "/think", 200, "ok", 1.0, stream=True))
+    log.write(AuditRow("r3", time.time(), "/think", 200, "ok", 2.0, stream=True), update=True)  # a stream's end
+    log.close()
     con = sqlite3.connect(db)
-    rows = con.execute("SELECT endpoint, status, outcome, count FROM audit ORDER BY outcome").fetchall()
+    assert con.execute("SELECT request_id, latency_ms FROM audit").fetchall() == [("r3", 2.0)]
     con.close()
-    assert rows == [("/v1/chat/completions", 400, "duplicate_authorization", 1), ("/think", 401, "invalid_api_key", 125),
-                    ("/think", 401, "missing_api_key", 125)]
+    assert log.rows_written == 3
 
 
 # ------------------------------------------------------------------------------- engine: content, Retry-After
@@ -351,3 +391,46 @@ def test_retry_after_comes_from_measured_service_time():
     assert engine.retry_after() == 8  # 8 x 2 s / 2
     engine._service_s.extend([30.0] * 32)
     assert engine.retry_after() == 60  # capped
+
+
+def test_key_entry_cli_refuses_short_secrets_and_writes_lines_that_load(monkeypatch, capsys):
+    import io
+
+    from so8t_hf.serve import auth
+
+    assert auth.main(["ops", "--new"]) == 0
+    out, err = capsys.readouterr()
+    secret = err.rsplit(": ", 1)[1].strip()
+    assert parse_key_line(out.strip()) == parse_key_line(f"ops:{secret}") and secret not in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert auth.main(["ops"]) == 2 and "has 5 characters" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(A + "\n"))
+    assert auth.main(["alice", "--revoked"]) == 0
+    assert parse_key_line(capsys.readouterr().out.strip()) == parse_key_line(f"alice:{A}:revoked")
+
+
+def test_serve_help_documents_the_routes_and_their_defaults():
+    from so8t_hf.serve.cli import build_parser
+
+    text = build_parser().format_help()
+    for needle in ("GET  /v1/models", "temperature 0 (greedy)", "defaults as OpenAI's: temperature 1", "top_p 1",
+                   "--default-max-new-tokens", "--max-header-bytes", "431", "sha256=<64 hex digits>:chars=N",
+                   "Types are strict"):
+        assert needle in text, needle
+
+
+def test_an_audit_db_replaced_by_a_foreign_file_fails_until_it_is_fixed(tmp_path):
+    db = tmp_path / "audit.db"
+    log = AuditLog.open(db)
+    for path in tmp_path.glob("audit.db*"):
+        path.unlink()
+    db.write_bytes(b"not a database " * 100)
+    with pytest.raises(Exception):
+        log.write(AuditRow("r1", time.time(), "/think", 200, "ok", 1.0))
+    assert not log.healthy and not log.check()
+    db.unlink()  # the operator removes it: the next check creates the DB again
+    assert log.check() and log.healthy and log.recreated == 1
+    log.write(AuditRow("r2", time.time(), "/think", 200, "ok", 1.0))
+    log.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        log.write(AuditRow("r3", time.time(), "/think", 200, "ok", 1.0))
