@@ -40,7 +40,15 @@ def plot_loss_curve(output_dir: Path, log_history: list[dict]) -> Path | None:
     return path
 
 
-def run_summary(metrics: dict, model_args, data_args, training_args, tags, token_summary: dict | None = None) -> dict:
+def training_progress(log_history: list[dict]) -> dict:
+    """The steps and epochs the run trained, from its log (`max_steps` overrides `num_train_epochs`)."""
+    steps = [e["step"] for e in log_history if "step" in e]
+    epochs = [e["epoch"] for e in log_history if "epoch" in e]
+    return {"steps": max(steps) if steps else None, "epochs": max(epochs) if epochs else None}
+
+
+def run_summary(metrics: dict, model_args, data_args, training_args, tags, token_summary: dict | None = None,
+                distributed: dict | None = None, log_history: list[dict] | None = None) -> dict:
     """Everything the model cards state, JSON-ready (tokens in the training arguments are masked by
     `TrainingArguments.to_json_string`)."""
     import peft
@@ -56,6 +64,8 @@ def run_summary(metrics: dict, model_args, data_args, training_args, tags, token
         "tags": {"preset": data_args.tag_preset, "sections": list(tags.sections), "final": tags.final},
         "new_token_ids": list((token_summary or {}).get("new_ids", [])),
         "datasets": list(data_args.dataset_path),
+        "progress": training_progress(log_history or []),
+        "distributed": distributed or {},  # what ran: world size, distributed type, backend, mixed precision, FSDP
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
         "config": {
             "model": asdict(model_args),
@@ -68,7 +78,7 @@ def run_summary(metrics: dict, model_args, data_args, training_args, tags, token
 
 
 def write_run_reports(output_dir: Path, log_history, metrics, model_args, data_args, training_args, tags=None,
-                      token_summary: dict | None = None) -> None:
+                      token_summary: dict | None = None, distributed: dict | None = None) -> None:
     from so8t_hf.hub.cards import SUMMARY_FILE, adapter_card, local_card
     from so8t_hf.hub.staging import adapter_contents
     from so8t_hf.thinking.format import get_tag_preset
@@ -76,7 +86,7 @@ def write_run_reports(output_dir: Path, log_history, metrics, model_args, data_a
     tags = tags or get_tag_preset(data_args.tag_preset)
     write_training_log(output_dir, log_history)
     plot_loss_curve(output_dir, log_history)
-    summary = run_summary(metrics, model_args, data_args, training_args, tags, token_summary)
+    summary = run_summary(metrics, model_args, data_args, training_args, tags, token_summary, distributed, log_history)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     local_card(output_dir, summary).save(output_dir / "README.md")
     adapter = output_dir / "adapter"
