@@ -271,6 +271,7 @@ def local_card(output_dir: Path, summary: dict) -> ModelCard:
         "reports": "Training log: `training_log.json`; loss curve: `loss_curve.png`.",
     }
     name = output_dir.name
-    data = _card_data(summary, base if is_hub_id(base) else None, None, (), (), name, "transformers", [])
+    hub_base = summary.get("hub_base_model") or (base if is_hub_id(base) else None)
+    data = _card_data(summary, hub_base, summary.get("license"), (), (), name, "transformers", [])
     body = _body(name, summary, str(output_dir / "final"), str(output_dir) if has_adapter else None, base, where)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

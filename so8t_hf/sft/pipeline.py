@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, set_seed
 
 from so8t_hf.inference.loader import load_merged_adapter, resolve_dtype
 from so8t_hf.modeling import So8tPhi3Config, So8tPhi3ForCausalLM
-from so8t_hf.sft.config import TINY_MODEL, SO8TModelConfig, ThinkingDataConfig, check_recipe_args
+from so8t_hf.sft.config import TINY_MODEL, SO8TModelConfig, ThinkingDataConfig, check_recipe_args, resume_target
 from so8t_hf.sft.reporting import write_run_reports
 from so8t_hf.thinking.chat_template import (
     add_thinking_tokens,
@@ -41,6 +41,29 @@ from so8t_hf.training.peft_setup import prepare_kbit_model, quantization_config
 from so8t_hf.training.trainer import SO8TTrainer
 
 logger = logging.getLogger(__name__)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(training_args=None) -> int:
+    """Logging of a recipe run, on stderr (the recipe and `so8t-hf train` share it): INFO by default, so the data
+    report, skipped rows, the loss fallback and what ran show; `--log_level` (and `--log_level_replica` on the other
+    processes) set it as for transformers. Call it once before parsing (None: INFO) and again with the parsed
+    arguments. Returns the level."""
+    import sys
+
+    import transformers
+
+    level = logging.INFO
+    if training_args is not None and training_args.log_level != "passive":
+        level = training_args.get_process_log_level()
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    logging.getLogger("so8t_hf").setLevel(level)
+    if training_args is not None and training_args.log_level != "passive":
+        transformers.utils.logging.set_verbosity(level)
+    return level
 
 
 def build_tokenizer(args: SO8TModelConfig, tags):
@@ -189,7 +212,7 @@ def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig,
         callbacks=[ThinkingEvalCallback(tokenizer, eval_rows, tags, data_args.eval_max_new_tokens)] if eval_rows else None,
     )
     log_processes(trainer)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
     metrics = trainer.final_metrics() if evaluation is not None else {}  # the last step is evaluated once
     distributed = distributed_summary(trainer)
     logger.info("ran on %s", distributed)
