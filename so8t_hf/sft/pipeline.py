@@ -234,8 +234,8 @@ def log_processes(trainer) -> None:
     """One line per process: its rank, the world size, the distributed type and backend."""
     state = trainer.accelerator.state
     logger.info("process %d of %d: %s, backend %s, device %s, mixed precision %s", state.process_index,
-                   state.num_processes, str(state.distributed_type).split(".")[-1], state.backend, state.device,
-                   state.mixed_precision)
+                state.num_processes, str(state.distributed_type).split(".")[-1], state.backend, state.device,
+                state.mixed_precision)
 
 
 def whole_model(trainer, model_args: SO8TModelConfig, tokenizer, token_summary):

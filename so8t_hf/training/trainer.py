@@ -16,6 +16,8 @@ Overrides only what it must:
 - `evaluation_loop`: adds the thinking metrics of each `ThinkingEvalCallback` (generated replies) to the
   evaluation's metrics, so they reach `Trainer.log` (every `report_to`, the console) with `eval_loss`.
 - `final_metrics`: the evaluation of the model training left, reusing the evaluation of that step if one ran.
+- Several processes (`training/distributed.py`): fp32 on CPU unless bf16 is asked, FSDP2 on gloo CPU processes, and
+  under FSDP2 the LM head unsharded for TRL's fused LM-head loss (its gradients were not averaged otherwise).
 Gradient checkpointing defaults to non-reentrant; a reentrant request gets `enable_input_require_grads`.
 """
 
