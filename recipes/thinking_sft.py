@@ -6,17 +6,17 @@ YAML keys are the field names of the three configs (see --help); flags override 
 `so8t-hf train` runs the same parser in one process.
 """
 
-import logging
 import sys
 
 from accelerate import PartialState
 
-from so8t_hf.sft import make_parser, run_thinking_sft
+from so8t_hf.sft import make_parser, run_thinking_sft, setup_logging
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()  # INFO on stderr while parsing; then --log_level
     model_args, data_args, training_args = make_parser().parse_args_and_config(argv)
+    setup_logging(training_args)
     metrics = run_thinking_sft(model_args, data_args, training_args)
     PartialState().destroy_process_group()  # a clean exit under torchrun / accelerate (no-op in one process)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})

@@ -35,10 +35,32 @@ def rotation_health(model: torch.nn.Module) -> dict[str, float]:
     rotations = [r for r in rotations if r.theta.requires_grad] or rotations  # PEFT keeps a frozen original copy
     if not rotations:
         return {}
+    if any(_is_dtensor(r.theta) for r in rotations):  # FSDP2-sharded: every rank logs, so all gather the generators
+        return _full_health([r.theta.full_tensor() if _is_dtensor(r.theta) else r.theta for r in rotations])
     return {
         "so8_orthogonality_error": max(r.orthogonality_error() for r in rotations),
         "so8_angle_norm": sum(r.angle_norm() ** 2 for r in rotations) ** 0.5,
     }
+
+
+def _is_dtensor(tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+@torch.no_grad()
+def _full_health(thetas: list[torch.Tensor]) -> dict[str, float]:
+    """`rotation_health` from the generators themselves (the same formulas as `So8Rotation`'s methods)."""
+    errors, norms = [], []
+    for theta in thetas:
+        a = theta.double() - theta.double().transpose(-1, -2)
+        r = torch.linalg.matrix_exp(a).float().double()
+        errors.append((r.transpose(-1, -2) @ r - torch.eye(8, dtype=r.dtype, device=r.device)).abs().max().item())
+        norms.append(torch.linalg.norm(a.float()).item())
+    return {"so8_orthogonality_error": max(errors), "so8_angle_norm": sum(n**2 for n in norms) ** 0.5}
 
 
 def plain_phi3_config(config: So8tPhi3Config) -> Phi3Config:

@@ -19,7 +19,10 @@ def reply(model, tokenizer, history, args) -> str:
 def cmd_chat(args: argparse.Namespace) -> int:
     from so8t_hf.inference.loader import load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, dtype=args.dtype)
+    try:
+        model, tokenizer = load_for_inference(args.model, dtype=args.dtype)
+    except (OSError, ValueError) as err:  # a folder that is no model, an adapter without a reachable base: one line
+        raise SystemExit(f"so8t-hf chat: cannot load {args.model}: {' '.join(str(err).split())}") from None
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:  # one-shot
         print(reply(model, tokenizer, history + [{"role": "user", "content": args.prompt}], args) or "(no final answer)")
@@ -37,7 +40,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def add_subparser(subparsers) -> None:
     chat = subparsers.add_parser("chat", help="chat with a model, showing final answers only")
-    chat.add_argument("--model", required=True, help="model dir (e.g. outputs/demo/final); loads with remote code")
+    chat.add_argument("--model", required=True, help="model dir (e.g. outputs/demo/final; loads with remote code), or "
+                                                     "a run's adapter/ dir (its base with the adapter merged in)")
     chat.add_argument("--prompt", help="answer this one message and exit (default: interactive on stdin)")
     chat.add_argument("--system", help="system message")
     chat.add_argument("--show-thinking", action="store_true", help="print the raw generation with its thinking (developers)")

@@ -38,8 +38,10 @@ def add_subparser(subparsers) -> None:
     push.add_argument("--dry-run", metavar="STAGING_DIR",
                       help="write the repo's files to this new or empty folder and upload nothing")
     push.add_argument("--token", help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
-    push.add_argument("--base-model", help="Hub id of the base model, for the cards and the adapter's config "
-                                           "(default: the run's model_name_or_path when it is a Hub id)")
+    push.add_argument("--hub_base_model", "--hub-base-model", "--base-model", dest="base_model", metavar="ID",
+                      help="Hub id of the base model, for the cards (base_model) and adapter_config.json "
+                           "(base_model_name_or_path); default: the run's --hub_base_model, else its "
+                           "model_name_or_path when that is a Hub id")
     push.add_argument("--license", help="card license (default: the base model's)")
     push.add_argument("--language", nargs="+", metavar="CODE", help="card languages, e.g. en ja")
     push.add_argument("--dataset", nargs="+", metavar="ID", help="Hub dataset ids of the training data, for the card")

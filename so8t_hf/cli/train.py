@@ -9,11 +9,14 @@ HELP = "thinking SFT: --config recipe.yaml plus any field as a flag (see so8t-hf
 
 
 def run(argv: list[str]) -> int:
-    from so8t_hf.sft import make_parser, run_thinking_sft
-
     from accelerate import PartialState
 
-    run_thinking_sft(*make_parser(prog="so8t-hf train").parse_args_and_config(argv))
+    from so8t_hf.sft import make_parser, run_thinking_sft, setup_logging
+
+    setup_logging()  # as the recipe: INFO on stderr (skipped rows, the loss fallback, ...), then --log_level
+    model_args, data_args, training_args = make_parser(prog="so8t-hf train").parse_args_and_config(argv)
+    setup_logging(training_args)
+    run_thinking_sft(model_args, data_args, training_args)
     PartialState().destroy_process_group()  # a clean exit under torchrun / accelerate (no-op in one process)
     return 0
 

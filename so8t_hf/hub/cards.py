@@ -72,13 +72,37 @@ def _training_table(summary: dict, base_ref: str) -> str:
         ("LoRA", f"r={model.get('lora_r')}, alpha={model.get('lora_alpha')}, targets {model.get('lora_target_modules')}"
          if summary["use_peft"] else "none (full fine-tuning)"),
         ("new tag-token rows", summary["new_token_ids"] or "none (the tokenizer had the tags)"),
-        ("steps / epochs", f"{train.get('max_steps')} / {train.get('num_train_epochs')}"),
+        ("steps / epochs", _progress(summary)),
+        ("processes, precision", _processes(summary)),
         ("learning rate (SO(8))", f"{train.get('learning_rate')} ({train.get('so8t_learning_rate')})"),
         ("batch x accumulation, max length", f"{train.get('per_device_train_batch_size')} x "
                                              f"{train.get('gradient_accumulation_steps')}, {train.get('max_length')}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items())),
     ]
     return "\n".join(["| setting | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def _progress(summary: dict) -> str:
+    """The steps and epochs the run trained (`progress` of the summary), not the configured `num_train_epochs`,
+    which `max_steps` overrides."""
+    progress = summary.get("progress") or {}
+    if progress.get("steps") is None:  # a summary of an older run: the configured step count only
+        return f"{summary['config']['training'].get('max_steps')} / unknown"
+    return f"{progress['steps']} / {progress['epochs']:.3g}"
+
+
+def _processes(summary: dict) -> str:
+    """How many processes trained and in which precision, as they ran (`distributed` of the summary)."""
+    ran = summary.get("distributed") or {}
+    if not ran:
+        return "unknown"
+    kind = ran.get("distributed_type", "NO")
+    if ran.get("fsdp_version"):
+        kind = f"FSDP{ran['fsdp_version']}" + (", sharded" if ran.get("sharded") else "")
+    where = f"{ran.get('world_size', 1)} x {ran.get('device', '?').split(':')[0]}"
+    where += f" ({kind}, {ran['backend']})" if ran.get("backend") else ""
+    mixed = ran.get("mixed_precision", "no")
+    return f"{where}; weights {ran.get('weights_dtype')}, " + ("no mixed precision" if mixed == "no" else f"{mixed} autocast")
 
 
 def _snippets(model_ref: str, adapter_ref: str | None, base_ref: str) -> dict[str, str]:
@@ -247,6 +271,7 @@ def local_card(output_dir: Path, summary: dict) -> ModelCard:
         "reports": "Training log: `training_log.json`; loss curve: `loss_curve.png`.",
     }
     name = output_dir.name
-    data = _card_data(summary, base if is_hub_id(base) else None, None, (), (), name, "transformers", [])
+    hub_base = summary.get("hub_base_model") or (base if is_hub_id(base) else None)
+    data = _card_data(summary, hub_base, summary.get("license"), (), (), name, "transformers", [])
     body = _body(name, summary, str(output_dir / "final"), str(output_dir) if has_adapter else None, base, where)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

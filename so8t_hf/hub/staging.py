@@ -108,12 +108,17 @@ def stage_output_dir(output_dir: str | Path, staging_dir: str | Path, repo_id: s
     if staging_dir.exists() and any(staging_dir.iterdir()):
         raise FileExistsError(f"{staging_dir} is not empty: stage into a new or empty folder")
     summary = load_summary(output_dir)
-    base_model = base_model or (summary["base_model"] if is_hub_id(summary["base_model"]) else None)
+    base_model = base_model or summary.get("hub_base_model") or (
+        summary["base_model"] if is_hub_id(summary["base_model"]) else None)
     if base_model is None:
-        logger.warning("the base model %r is not a Hub id: the cards leave base_model out; pass --base-model",
-                       summary["base_model"])
+        logger.warning("the base model %r is not a Hub id: the cards leave base_model out and adapter_config.json "
+                       "keeps its local path; pass --hub_base_model <hub id>", summary["base_model"])
     if license is None and summary["base_model"] != "tiny":
-        license = base_license(summary["base_model"]) or (base_license(base_model) if base_model else None)
+        license = summary.get("license") or base_license(summary["base_model"]) or (
+            base_license(base_model) if base_model else None)
+        if license is None:
+            logger.warning("no license found for the base model %r (its card names none): the cards leave license "
+                           "out; pass --license", base_model or summary["base_model"])
 
     shutil.copytree(final, staging_dir, dirs_exist_ok=True)
     tags = summary["tags"]

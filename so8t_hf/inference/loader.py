@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPE_NAMES", "default_device", "load_for_inference", "load_merged_adapter", "resolve_dtype"]
+__all__ = ["DTYPE_NAMES", "adapter_base", "default_device", "load_for_inference", "load_merged_adapter",
+           "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
 
 def load_for_inference(path: str, device: str = "auto", dtype: str | torch.dtype = "auto",
                        merge_rotations: bool = False) -> tuple[Any, Any]:
-    """(model in eval mode on `device`, tokenizer) from a saved model directory or Hub id (remote code trusted).
+    """(model in eval mode on `device`, tokenizer) from a saved model directory or Hub id (remote code trusted), or
+    from a run's `adapter/` folder (its base with the adapter merged in, `load_merged_adapter`).
 
     The Phi-3 thinking chat template is set when the tokenizer has none. With `merge_rotations`, an SO8T-Phi3
     is returned as the plain Phi-3 of `merge_so8t_rotations` (equal logits, no per-step rotation).
@@ -46,13 +48,33 @@ def load_for_inference(path: str, device: str = "auto", dtype: str | torch.dtype
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # the config names remote code: no prompt
     if not getattr(tokenizer, "chat_template", None):
         apply_thinking_chat_template(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=resolve_dtype(dtype))
+    if adapter_base(path) is not None:  # a run's adapter/ folder: its base, loaded as SO8T-Phi3, with it merged in
+        model = load_merged_adapter(adapter_base(path), path, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=resolve_dtype(dtype))
     if merge_rotations and hasattr(model, "so8_rotations"):
         from so8t_hf.rotation import merge_so8t_rotations
 
         model = merge_so8t_rotations(model)
     logger.info("loaded %s (%s, %s) on %s", path, type(model).__name__, model.dtype, device)
     return model.to(device).eval(), tokenizer
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model of a PEFT adapter folder (`adapter_config.json` and no `config.json`), else None. An adapter
+    that names no base (the tiny demo's random base is saved nowhere) is a ValueError that says what to load."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return None
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path} is a LoRA adapter that names no base model (base_model_name_or_path is empty: the "
+                         f"tiny demo's random base is saved nowhere); load the run's complete model, "
+                         f"{folder.parent / 'final'}, instead")
+    return base
 
 
 def load_merged_adapter(base: str, adapter: str, dtype: str | torch.dtype = "auto"):
@@ -62,7 +84,12 @@ def load_merged_adapter(base: str, adapter: str, dtype: str | torch.dtype = "aut
 
     from so8t_hf.modeling import So8tPhi3ForCausalLM
 
-    model = So8tPhi3ForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype))
+    try:
+        model = So8tPhi3ForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"the base model {base!r} of the adapter {adapter} could not be loaded ("
+                         f"{' '.join(str(err).split())[:300]}); pass a reachable base, or load the run's complete "
+                         "model (its final/ folder)") from err
     try:
         rows = len(AutoTokenizer.from_pretrained(adapter))
     except (OSError, ValueError):

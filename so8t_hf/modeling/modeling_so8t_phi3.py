@@ -56,6 +56,15 @@ def _registered_rotation_op():
     return _registered_op("so8_rotate")
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2's sharded parameter, outside its module's forward)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def so8_exp(theta: torch.Tensor) -> torch.Tensor:
     """R = exp(theta - theta^T) for generators (..., 8, 8): the registered fp32 kernel op, else float64 matrix_exp."""
     op = _registered_op("so8_exp")
@@ -241,8 +250,8 @@ class So8tPhi3Model(So8tPhi3PreTrainedModel, Phi3Model):
         ]
         trainable = [m for m in modules if m.theta.requires_grad]
         modules = trainable or modules  # PEFT keeps a frozen, unused original beside each trainable copy
-        if not modules:
-            return {}
+        if not modules or any(_is_dtensor(m.theta) for m in modules):
+            return {}  # FSDP2 shards the generators outside their layer's forward: each layer computes its own R
         dtype = self.embed_tokens.weight.dtype
         if torch.is_autocast_enabled(modules[0].theta.device.type):
             dtype = torch.get_autocast_dtype(modules[0].theta.device.type)

@@ -11,8 +11,11 @@ Three dataclasses, parsed together by `make_parser()` (TRL's `TrlParser`): YAML 
 - `SO8TConfig` (`so8t_hf.training`): TRL's `SFTConfig` plus the SO8T training settings.
 
 `make_parser()` also refuses, at parse time and with the reason, TRL settings that the recipe would otherwise
-ignore: `assistant_only_loss` / `completion_only_loss` (the recipe sets the labels itself from `loss_mask`) and
-`chat_template_path` (the recipe trains and saves its own thinking chat template); see `check_recipe_args`.
+ignore: `assistant_only_loss` / `completion_only_loss` (the recipe sets the labels itself from `loss_mask`),
+`chat_template_path` (the recipe trains and saves its own thinking chat template), TRL's text-dataset settings
+(`dataset_text_field`, `dataset_kwargs`, `eos_token`, `truncation_mode: keep_end`), `model_init_kwargs`,
+`trust_remote_code`, `router_aux_loss_coef`, `lora_target_parameters` and `lora_task_type`; see
+`check_recipe_args`. `resume_from_checkpoint: true` means the latest checkpoint (`resume_target`).
 
 Renamed fields (0.1 names) keep working as deprecated aliases: `use_lora` -> `use_peft`,
 `quantization_bits: 4 | 8` -> `load_in_4bit` (with nested quantisation) / `load_in_8bit`; and
@@ -21,6 +24,7 @@ Renamed fields (0.1 names) keep working as deprecated aliases: `use_lora` -> `us
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from dataclasses import dataclass, field
 
@@ -36,7 +40,8 @@ from so8t_hf.thinking.format import TAG_PRESETS, get_tag_preset
 from so8t_hf.training.config import SO8TConfig
 from so8t_hf.training.peft_setup import PHI3_LORA_TARGETS
 
-__all__ = ["TINY_MODEL", "SO8TModelConfig", "ThinkingDataConfig", "check_recipe_args", "make_parser"]
+__all__ = ["TINY_MODEL", "SO8TModelConfig", "ThinkingDataConfig", "check_recipe_args", "make_parser",
+           "resume_target"]
 
 TINY_MODEL = "tiny"
 
@@ -89,7 +94,18 @@ class SO8TModelConfig(ModelConfig):
         metadata={"help": "LoRA targets (Phi-3's fused names: qkv_proj, o_proj, gate_up_proj, down_proj), or "
                           "all-linear."},
     )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained and saved whole beside LoRA (e.g. embed_tokens lm_head); 'none' empties a "
+                          "list the YAML set.", "nargs": "+"},
+    )
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer; default: the model's."})
+    hub_base_model: str | None = field(
+        default=None,
+        metadata={"help": "Hub id of the base model (e.g. microsoft/Phi-3.5-mini-instruct) when model_name_or_path is "
+                          "a local folder: written as base_model in the model cards and as base_model_name_or_path in "
+                          "adapter/adapter_config.json (a local path loads nowhere else)."},
+    )
     so8t_layers: list[str] = field(
         default_factory=lambda: ["all"],
         metadata={"help": "SO8T layers: 'all' or layer indices (YAML: [0, 1]; flags: --so8t_layers 0 1).",
@@ -119,6 +135,8 @@ class SO8TModelConfig(ModelConfig):
             self.load_in_4bit, self.load_in_8bit = self.quantization_bits == 4, self.quantization_bits == 8
             self.use_bnb_nested_quant = self.use_bnb_nested_quant or self.load_in_4bit
         self.use_lora = self.quantization_bits = None
+        if self.lora_modules_to_save is not None and [m.lower() for m in self.lora_modules_to_save] in (["none"], [""]):
+            self.lora_modules_to_save = []  # `--lora_modules_to_save none`: empty a list the YAML set
         super().__post_init__()
         self.so8t_layers = normalize_so8t_layers(self.so8t_layers)
         _check_choice("SO8TModelConfig", "dtype", self.dtype, DTYPE_NAMES)
@@ -209,22 +227,68 @@ REFUSED_TRAINING_ARGS = {
 }
 
 
+# TRL fields the recipe would ignore: name -> (the values it honours, why). The recipe builds the model, tokenises the
+# rows itself with its chat template and passes TRL a tokenised dataset, so TRL's text-dataset settings do nothing.
+IGNORED_TRL_ARGS = {
+    "dataset_text_field": (("text",), "the recipe reads messages, prompt/completion and instruction/output rows itself "
+                                      "(see dataset_path) and tokenises them with its chat template; no text column "
+                                      "is read. Remove it"),
+    "dataset_kwargs": ((None,), "the recipe hands TRL a dataset it has already tokenised; TRL's dataset preparation "
+                                "does not run. Remove it"),
+    "eos_token": ((None,), "the thinking chat template ends every assistant turn with <|end|>, which is what the model "
+                           "learns to stop at; TRL's eos_token only applies when TRL tokenises. Remove it"),
+    "model_init_kwargs": ((None,), "the recipe loads the model itself from the SO8TModelConfig fields (dtype, "
+                                   "attn_implementation, model_revision, load_in_4bit, ...). Use those instead"),
+    "trust_remote_code": ((False,), "the recipe loads the base as SO8T-Phi3 with so8t_hf's own code; a base's remote "
+                                    "code is never run. Remove it"),
+    "router_aux_loss_coef": ((None,), "Phi-3 has no mixture-of-experts router. Remove it"),
+    "truncation_mode": (("keep_start",), "the recipe's truncation check (on_truncated, truncation_report.json) drops "
+                                         "the rows whose end max_length would cut; keep_end would cut their prompts "
+                                         "unchecked instead. Remove it, or raise max_length"),
+}
+IGNORED_MODEL_ARGS = {
+    "lora_target_parameters": ((None,), "the recipe's LoRA targets modules (lora_target_modules); Phi-3 has no "
+                                        "parameter-only (expert) weights to target. Remove it"),
+    "lora_task_type": (("CAUSAL_LM",), "the recipe trains causal-LM adapters only. Remove it"),
+}
+
+
 def check_recipe_args(model_args: SO8TModelConfig, data_args: ThinkingDataConfig, training_args: SO8TConfig) -> None:
-    """Refuse settings the recipe cannot honour (see `REFUSED_TRAINING_ARGS`) before anything is built."""
+    """Refuse settings the recipe cannot honour (`REFUSED_TRAINING_ARGS`, `IGNORED_TRL_ARGS`, `IGNORED_MODEL_ARGS`)
+    before anything is built: each is named, with the reason and what to do."""
     for name, reason in REFUSED_TRAINING_ARGS.items():
         value = getattr(training_args, name, None)
         if value not in (None, False):
             raise ValueError(f"{name}={value!r} is not supported by the thinking-SFT recipe: {reason}")
+    for args, table in ((training_args, IGNORED_TRL_ARGS), (model_args, IGNORED_MODEL_ARGS)):
+        for name, (honoured, reason) in table.items():
+            value = getattr(args, name, None)
+            if hasattr(args, name) and value not in honoured:
+                raise ValueError(f"{name}={value!r} is not supported by the thinking-SFT recipe (it would be ignored): "
+                                 f"{reason}.")
 
 
 DATACLASS_TYPES = (SO8TModelConfig, ThinkingDataConfig, SO8TConfig)
 
 
 class RecipeParser(TrlParser):
-    """`TrlParser` over the three configs that also runs `check_recipe_args` on what it parsed."""
+    """`TrlParser` over the three configs that also runs `check_recipe_args` on what it parsed, and lists `--config`
+    in `--help` (TrlParser reads it before parsing)."""
 
-    def parse_args_and_config(self, *args, **kwargs):
-        parsed = super().parse_args_and_config(*args, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS, help="recipe YAML (e.g. recipes/configs/tiny.yaml): its keys are "
+                                                           "the field names below; flags override it")
+
+    def parse_args_and_config(self, args=None, *rest, **kwargs):
+        import sys
+
+        args = list(sys.argv[1:] if args is None else args)
+        for i, arg in enumerate(args):  # TrlParser only pops `--config PATH`
+            if arg.startswith("--config="):
+                args[i : i + 1] = ["--config", arg.split("=", 1)[1]]
+                break
+        parsed = super().parse_args_and_config(args, *rest, **kwargs)
         check_recipe_args(*parsed[:3])
         return parsed
 
@@ -236,3 +300,13 @@ def make_parser(subparsers=None, prog: str | None = None) -> TrlParser:
     if subparsers is not None:
         return subparsers.add_parser("train", help="thinking SFT", dataclass_types=DATACLASS_TYPES)
     return RecipeParser(DATACLASS_TYPES, prog=prog)
+
+
+def resume_target(value):
+    """`resume_from_checkpoint` as `Trainer.train` takes it: `true` (any case, or yes / 1) is True (the latest
+    checkpoint in output_dir, as transformers and TRL read it), `false` / `no` / `0` / `none` is None, a path stays."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "none", ""):
+        return None
+    return value

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, set_seed
 
 from so8t_hf.inference.loader import load_merged_adapter, resolve_dtype
 from so8t_hf.modeling import So8tPhi3Config, So8tPhi3ForCausalLM
-from so8t_hf.sft.config import TINY_MODEL, SO8TModelConfig, ThinkingDataConfig, check_recipe_args
+from so8t_hf.sft.config import TINY_MODEL, SO8TModelConfig, ThinkingDataConfig, check_recipe_args, resume_target
 from so8t_hf.sft.reporting import write_run_reports
 from so8t_hf.thinking.chat_template import (
     add_thinking_tokens,
@@ -36,10 +36,34 @@ from so8t_hf.thinking.data import (
 from so8t_hf.thinking.format import get_tag_preset
 from so8t_hf.training.callbacks import ThinkingEvalCallback
 from so8t_hf.training.config import SO8TConfig
+from so8t_hf.training.distributed import check_launch, distributed_summary
 from so8t_hf.training.peft_setup import prepare_kbit_model, quantization_config
 from so8t_hf.training.trainer import SO8TTrainer
 
 logger = logging.getLogger(__name__)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(training_args=None) -> int:
+    """Logging of a recipe run, on stderr (the recipe and `so8t-hf train` share it): INFO by default, so the data
+    report, skipped rows, the loss fallback and what ran show; `--log_level` (and `--log_level_replica` on the other
+    processes) set it as for transformers. Call it once before parsing (None: INFO) and again with the parsed
+    arguments. Returns the level."""
+    import sys
+
+    import transformers
+
+    level = logging.INFO
+    if training_args is not None and training_args.log_level != "passive":
+        level = training_args.get_process_log_level()
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    logging.getLogger("so8t_hf").setLevel(level)
+    if training_args is not None and training_args.log_level != "passive":
+        transformers.utils.logging.set_verbosity(level)
+    return level
 
 
 def build_tokenizer(args: SO8TModelConfig, tags):
@@ -166,6 +190,7 @@ def take_over_hub_push(training_args: SO8TConfig) -> bool:
 def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig, training_args: SO8TConfig) -> dict:
     """Train, evaluate and save; returns the final metrics."""
     check_recipe_args(model_args, data_args, training_args)
+    check_launch()  # `accelerate launch --cpu --num_processes N` would train on one process
     push = take_over_hub_push(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -189,12 +214,16 @@ def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig,
         peft_config=lora_config(model_args, new_ids) if model_args.use_peft else None,
         callbacks=[ThinkingEvalCallback(tokenizer, eval_rows, tags, data_args.eval_max_new_tokens)] if eval_rows else None,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    log_processes(trainer)
+    trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
     metrics = trainer.final_metrics() if evaluation is not None else {}  # the last step is evaluated once
+    distributed = distributed_summary(trainer)
+    logger.info("ran on %s", distributed)
+    model = whole_model(trainer, model_args, tokenizer, token_summary)  # collective under FSDP: every rank calls it
     if trainer.is_world_process_zero():
-        save_outputs(trainer, tokenizer, model_args, output_dir, tags)
+        save_outputs(trainer, tokenizer, model_args, output_dir, tags, model=model)
         write_run_reports(output_dir, trainer.state.log_history, metrics, model_args, data_args, training_args,
-                          tags, token_summary)
+                          tags, token_summary, distributed=distributed)
     if push and trainer.is_world_process_zero():
         from so8t_hf.hub import push_output_dir
 
@@ -204,12 +233,42 @@ def run_thinking_sft(model_args: SO8TModelConfig, data_args: ThinkingDataConfig,
     return metrics
 
 
-def save_outputs(trainer, tokenizer, model_args: SO8TModelConfig, output_dir: Path, tags=None) -> None:
+def log_processes(trainer) -> None:
+    """One line per process: its rank, the world size, the distributed type and backend."""
+    state = trainer.accelerator.state
+    logger.info("process %d of %d: %s, backend %s, device %s, mixed precision %s", state.process_index,
+                state.num_processes, str(state.distributed_type).split(".")[-1], state.backend, state.device,
+                state.mixed_precision)
+
+
+def whole_model(trainer, model_args: SO8TModelConfig, tokenizer, token_summary):
+    """The trained model, unsharded: `trainer.model`, or under FSDP (parameters sharded across the processes) a copy
+    built like the run's and loaded with the gathered full state dict, on rank 0 (None elsewhere). Every rank must
+    call it: the gather is collective."""
+    if not trainer.is_fsdp_enabled:
+        return trainer.model
+    state = trainer.accelerator.get_state_dict(trainer.model)  # the full state dict on rank 0
+    if not trainer.is_world_process_zero():
+        return None
+    model = build_model(model_args, tokenizer, token_summary)
+    if model_args.use_peft:
+        import copy
+
+        from peft import get_peft_model
+
+        model = get_peft_model(model, copy.deepcopy(trainer.model.peft_config["default"]))
+    model.load_state_dict(state, strict=True)
+    logger.info("FSDP: the gathered full state dict (%d tensors) loaded into an unsharded copy for saving", len(state))
+    return model
+
+
+def save_outputs(trainer, tokenizer, model_args: SO8TModelConfig, output_dir: Path, tags=None, model=None) -> None:
     """`adapter/` (or the full model without LoRA) and `final/`: a merged SO8T-Phi3 with its remote code, completed
-    for release (`complete_checkpoint`: stop tokens, plain tags, final-only pipeline)."""
+    for release (`complete_checkpoint`: stop tokens, plain tags, final-only pipeline). `model`: the trained model
+    when it is not `trainer.model` as it is (`whole_model` under FSDP)."""
     from so8t_hf.hub.checkpoint import complete_checkpoint
 
-    model = trainer.model
+    model = trainer.model if model is None else model
     if model_args.use_peft:
         model.save_pretrained(output_dir / "adapter")
         tokenizer.save_pretrained(output_dir / "adapter")

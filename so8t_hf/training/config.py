@@ -3,8 +3,12 @@ both names of activation checkpointing on every supported transformers."""
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from trl import SFTConfig
 
@@ -100,6 +104,11 @@ class SO8TConfig(SFTConfig):
             self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
         self.gradient_checkpointing = self.activation_checkpointing
         self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # several processes on a machine without GPUs: without use_cpu accelerate sets up no process group, and
+            # each process would train alone on the whole data
+            logging.getLogger(__name__).warning("%s processes and no GPU: use_cpu=True (gloo)", os.environ["WORLD_SIZE"])
+            self.use_cpu = True
         super().__post_init__()  # parses a JSON-string gradient_checkpointing_kwargs (and the new name, if it knows it)
         from so8t_hf.training.memory import parse_layers_setting
 

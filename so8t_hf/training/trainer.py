@@ -16,6 +16,8 @@ Overrides only what it must:
 - `evaluation_loop`: adds the thinking metrics of each `ThinkingEvalCallback` (generated replies) to the
   evaluation's metrics, so they reach `Trainer.log` (every `report_to`, the console) with `eval_loss`.
 - `final_metrics`: the evaluation of the model training left, reusing the evaluation of that step if one ran.
+- Several processes (`training/distributed.py`): fp32 on CPU unless bf16 is asked, FSDP2 on gloo CPU processes, and
+  under FSDP2 the LM head unsharded for TRL's fused LM-head loss (its gradients were not averaged otherwise).
 Gradient checkpointing defaults to non-reentrant; a reentrant request gets `enable_input_require_grads`.
 """
 
@@ -127,6 +129,7 @@ class SO8TTrainer(SFTTrainer):
         self._captured: dict[str, torch.Tensor] = {}
         self._hook = self._last_hidden_module().register_forward_hook(self._capture_hidden)
         self._log_clock: tuple[float, int] | None = None
+        self._head_hook = None  # FSDP2: the LM head's unshard hook (`distributed.unshard_head_before_backbone`)
         if self.is_world_process_zero():
             logger.info("%s", format_parameter_summary(parameter_groups(self.model)))
 
@@ -144,6 +147,10 @@ class SO8TTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._captured.clear()
+        if self.is_fsdp_enabled and self._head_hook is None:  # after accelerate's fully_shard: see the function
+            from so8t_hf.training.distributed import unshard_head_before_backbone
+
+            self._head_hook = unshard_head_before_backbone(model) or False
         if self._log_clock is None:
             self._log_clock = (time.perf_counter(), self._total_train_tokens)
         sync_free = self._sync_free_path(model, return_outputs)
@@ -299,6 +306,15 @@ class SO8TTrainer(SFTTrainer):
                 return {k: v for k, v in entry.items() if k != "step"}
         return self.evaluate()
 
+    # ------------------------------------------------------------------ several processes
+
+    def create_accelerator_and_postprocess(self):
+        from so8t_hf.training.distributed import cpu_mixed_precision, fsdp_on_cpu
+
+        cpu_mixed_precision(self.args)  # an accelerate config's bf16 is a GPU setting: fp32 on CPU unless asked
+        super().create_accelerator_and_postprocess()
+        fsdp_on_cpu(self)  # FSDP2 (fully_shard) on gloo CPU processes, where accelerate would run DDP
+
     # ------------------------------------------------------------------ optimizer and logging
 
     def create_optimizer(self, model=None):
@@ -310,6 +326,8 @@ class SO8TTrainer(SFTTrainer):
                 group["params"] = [p for p in group["params"] if id(p) not in ids]
             lr = self.args.so8t_learning_rate if self.args.so8t_learning_rate is not None else self.args.learning_rate
             optimizer.add_param_group({"params": so8, "lr": lr, "weight_decay": 0.0, "name": "so8"})
+            if self.is_fsdp_enabled:  # torch's distributed checkpoint maps an emptied group's settings to the wrong
+                optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]  # group on resume
         return optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
