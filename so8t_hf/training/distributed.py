@@ -1,8 +1,10 @@
 """Several processes, as they really run: the launch check, FSDP2 on CPU processes, and the precision that ran.
 
 - `check_launch`: `accelerate launch --cpu --num_processes N` starts ONE process (accelerate 1.x's CPU launcher
-  starts several only through `mpirun`, `--mpirun_hostfile`; it sets `MASTER_ADDR` and nothing else): that run
-  is refused with the line that works, instead of training silently on one process.
+  starts several only through `mpirun`, `--mpirun_hostfile`; it sets `MASTER_ADDR` and nothing else). That
+  process reads its launcher's arguments (Linux `/proc`) and starts the same launch again without `--cpu` and
+  with `--use_cpu true` for the recipe, so N gloo processes train (logged); where the launch cannot be read, the
+  run is refused with the line that works, instead of training silently on one process.
 - `fsdp_on_cpu`: accelerate turns an FSDP config (`fsdp2.yaml`) into plain DDP on CPU processes (its FSDP set-up
   belongs to the GPU distributed types only). PyTorch's `fully_shard` runs on gloo CPU process groups, so
   `SO8TTrainer` hands the accelerator the FSDP plugin of the launch there, and the model is sharded as on GPUs.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -32,18 +36,74 @@ def _rank_env() -> bool:
     return any(os.environ.get(name) for name in names)
 
 
+RELAUNCHED = "SO8T_CPU_RELAUNCH"  # set in the relaunched launch, so it is never relaunched twice
+
+
+def _launcher_argv(pid: int) -> list[str] | None:
+    """The arguments after `launch` of the `accelerate launch` process `pid` (from /proc), or None."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    argv = [a.decode(errors="surrogateescape") for a in raw.split(b"\0") if a]
+    for i, tok in enumerate(argv):
+        if tok == "accelerate.commands.launch" or (tok == "launch" and i and Path(argv[i - 1]).name == "accelerate"):
+            return argv[i + 1:]
+    return None
+
+
+def cpu_relaunch_argv(launch_argv: list[str]) -> tuple[int, list[str]] | None:
+    """(N, the `accelerate launch` arguments that start N gloo processes) for a `--cpu` launch of N > 1 processes;
+    None if the arguments do not say N > 1. `--cpu` is dropped and `--use_cpu true` is given to the script."""
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        args = launch_command_parser().parse_args(launch_argv)
+    except SystemExit:
+        return None
+    n = args.num_processes
+    if n is None and args.config_file:
+        import yaml
+
+        n = (yaml.safe_load(Path(args.config_file).read_text()) or {}).get("num_processes")
+    if not args.cpu or not isinstance(n, int) or n < 2 or args.training_script not in launch_argv:
+        return None
+    at = launch_argv.index(args.training_script)
+    script_args = launch_argv[at + 1:]
+    if "--use_cpu" not in script_args:
+        script_args = [*script_args, "--use_cpu", "true"]
+    launch = [tok for tok in launch_argv[:at] if tok != "--cpu"]
+    if args.num_processes is None:
+        launch += ["--num_processes", str(n)]
+    return n, [*launch, launch_argv[at], *script_args]
+
+
 def check_launch() -> None:
-    """Refuse the one-process run of `accelerate launch --cpu --num_processes N` (N > 1), before anything is built.
+    """Make `accelerate launch --cpu --num_processes N` (N > 1) train on N processes, before anything is built.
 
     That launcher sets `ACCELERATE_USE_CPU=True` and, for N > 1, `MASTER_ADDR` / `MASTER_PORT`, but starts a single
-    process with no rank (the CPU launcher of accelerate starts several only with `--mpirun_hostfile`)."""
+    process with no rank. This process then becomes `accelerate launch` without `--cpu` (its multi-process launcher,
+    torchrun) with `--use_cpu true` for the recipe: N gloo processes. Where the launcher's arguments cannot be read,
+    the run is refused with the line that works."""
     asked_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
-    if asked_cpu and os.environ.get("MASTER_ADDR") and not _rank_env():
+    if not (asked_cpu and os.environ.get("MASTER_ADDR") and not _rank_env()) or os.environ.get(RELAUNCHED):
+        return
+    launch_argv = _launcher_argv(os.getppid())
+    plan = cpu_relaunch_argv(launch_argv) if launch_argv is not None else None
+    if plan is None:
         raise RuntimeError(
             "accelerate launch --cpu --num_processes N started ONE process: accelerate's CPU launcher starts several "
             "only through mpirun (--mpirun_hostfile), so this run would train on one process. For N CPU processes "
             "(gloo), leave --cpu out and pass --use_cpu true to the recipe: " + CPU_LAUNCH.format(n=2)
             + " (or recipes/accelerate/fsdp2.yaml for FSDP2). For one process, drop --num_processes.")
+    n, argv = plan
+    logger.warning("accelerate launch --cpu starts one process; starting %d CPU (gloo) processes instead: "
+                   "accelerate launch %s", n, " ".join(argv))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    env = {**os.environ, RELAUNCHED: "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    os.execve(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *argv], env)
 
 
 def cpu_mixed_precision(args) -> None:
