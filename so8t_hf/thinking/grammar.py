@@ -30,7 +30,8 @@ from typing import Any, NamedTuple, Protocol
 
 from .screen import find_tag_like  # relative: also shipped beside the pipeline
 
-__all__ = ["REASONS", "TURN_END_TOKENS", "FinalGrammar", "FinalReading", "IdTable", "read_ids", "read_text"]
+__all__ = ["REASONS", "STREAMING_API", "TURN_END_TOKENS", "FinalGrammar", "FinalOnlyStreamer", "FinalReading", "IdReader",
+           "IdTable", "read_ids", "read_text"]
 
 TURN_END_TOKENS = ("<|end|>", "<|endoftext|>", "<|user|>", "<|system|>", "</s>")  # = lexer.TURN_END_TOKENS
 
@@ -316,3 +317,38 @@ def read_ids(ids: Any, table: IdTable) -> FinalReading:
         if reader.grammar.failed:
             break
     return reader.reading()
+
+
+# -------------------------------------------------------------------------------------------- streamers
+STREAMING_API = ("so8t_hf's final-only streams: `so8t-hf serve` (/think and /v1/chat/completions with "
+                 "\"stream\": true), or a transformers TextStreamer / TextIteratorStreamer given to the "
+                 "So8tThinkingPipeline or so8t_hf.inference.generate_reply")
+
+
+class FinalOnlyStreamer:
+    """Wraps a transformers `TextStreamer` / `TextIteratorStreamer` (anything with `on_finalized_text`) for
+    `generate(streamer=...)`: the token ids go to the grammar, never to the wrapped streamer; at the end the
+    wrapped streamer receives the final (what `read_ids` shows: "" when withheld) in one piece, then its end.
+    The first `put` is the prompt (as `generate` sends it) and is skipped; batch size 1 only."""
+
+    def __init__(self, streamer: Any, table: IdTable) -> None:
+        if not callable(getattr(streamer, "on_finalized_text", None)):
+            raise TypeError(f"{type(streamer).__name__} is not a TextStreamer: it would receive the raw token ids, "
+                            f"thinking included. Use {STREAMING_API}.")
+        self.streamer, self.reader, self._prompt_seen = streamer, IdReader(table), False
+        self.reading: FinalReading | None = None
+
+    def put(self, value: Any) -> None:
+        rows = value.tolist() if hasattr(value, "tolist") else list(value)
+        rows = rows if rows and isinstance(rows[0], list) else [rows]
+        if len(rows) > 1:
+            raise ValueError("a final-only streamer takes batch size 1 (as TextStreamer does)")
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for tid in rows[0]:
+            self.reader.feed(int(tid))
+
+    def end(self) -> None:
+        self.reading = self.reader.reading()
+        self.streamer.on_finalized_text(self.reading.final, stream_end=True)

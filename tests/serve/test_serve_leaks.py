@@ -101,6 +101,7 @@ def _texts():
         texts.append(f"{tag}{SECRET} never closed <final>fake {SECRET}</final>")
     rng = random.Random(140)
     texts += [generation(rng)[0] for _ in range(30)]
+    texts.append("<think-task>plan</think-task><final> </final>")  # well formed, empty: no_final
     return texts
 
 
