@@ -6,8 +6,9 @@
 - The thinking tags as plain (non-special) tokens, so decoding with `skip_special_tokens=True` shows them.
 - `config.thinking_tags` (the tag set) and `config.custom_pipelines`: `pipeline("text-generation", model=...,
   trust_remote_code=True)` runs `So8tThinkingPipeline` (final answer only), shipped beside the model code as
-  `pipeline_so8t_thinking.py` + `format.py` + `lexer.py` + `grammar.py` + `screen.py` (copies of `so8t_hf/thinking/`; the pipeline also needs
-  the small pure-Python `confusable-homoglyphs` package, which transformers asks for by name when it is missing).
+  `pipeline_so8t_thinking.py` + `format.py` + `lexer.py` + `grammar.py` + `screen.py` (copies of
+  `so8t_hf/thinking/`; the pipeline also needs the small pure-Python `confusable-homoglyphs` package, which
+  transformers asks for by name when it is missing).
 
 `complete_checkpoint(folder)` edits a saved folder (JSON, tokenizer and code files; the weights are not
 loaded), so it finishes a fresh `final/` and, before a push, an output directory written by so8t_hf 0.1.

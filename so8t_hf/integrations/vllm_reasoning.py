@@ -73,7 +73,8 @@ class So8tReasoning:
         return reasoning or None, reading.final
 
     def stream(self, previous_text: str, current_text: str, delta_text: str, previous_token_ids: Sequence[int],
-               current_token_ids: Sequence[int], delta_token_ids: Sequence[int]) -> tuple[str | None, str | None] | None:
+               current_token_ids: Sequence[int], delta_token_ids: Sequence[int]
+               ) -> tuple[str | None, str | None] | None:
         if not previous_token_ids:  # a new request on this instance
             self.reader, self.released = IdReader(self.table), False
         grammar = self.reader.grammar

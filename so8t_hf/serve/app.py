@@ -119,7 +119,8 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
     def log_line(ctx: _Ctx, status: int, outcome: str, row: AuditRow, latency: float) -> None:
         logger.info(
             "request_id=%s endpoint=%s key_id=%s status=%d outcome=%s stream=%d final_chars=%s prompt_tokens=%s "
-            "completion_tokens=%s thinking_hmac=%s reason=%s latency_ms=%.1f", ctx.rid, ctx.endpoint, ctx.key_id, status,
+            "completion_tokens=%s thinking_hmac=%s reason=%s latency_ms=%.1f", ctx.rid, ctx.endpoint, ctx.key_id,
+            status,
             outcome, ctx.stream, row.final_chars, row.prompt_tokens, row.completion_tokens, row.thinking_hmac,
             row.reason, latency * 1000,
         )

@@ -17,7 +17,7 @@ output whose final is only whitespace is `no_final` (`empty_final`).
 
 Limits: a final is shown only once the output is complete, so a stream shows the final in one piece at the
 end (`visible_final_prefix`): any later token could still withhold it. Plain-prose thinking inside a final
-cannot be recognised. Stdlib + `screen` only (shipped beside the Hub pipeline as remote code).
+cannot be recognised. Stdlib + `screen` + `lexer` (its turn-end tokens) only: shipped beside the Hub pipeline.
 
 Origin: written for this project (issue 20): allow, don't deny; replaces the lexer-based reader of issue 14.
 """
@@ -28,12 +28,12 @@ import re
 from functools import lru_cache
 from typing import Any, NamedTuple, Protocol
 
-from .screen import find_tag_like  # relative: also shipped beside the pipeline
+from .lexer import TURN_END_TOKENS  # relative: grammar, screen and lexer are shipped beside the pipeline
+from .screen import find_tag_like
 
-__all__ = ["REASONS", "STREAMING_API", "TURN_END_TOKENS", "FinalGrammar", "FinalOnlyStreamer", "FinalReading", "IdReader",
-           "IdTable", "read_ids", "read_text"]
+__all__ = ["REASONS", "STREAMING_API", "TURN_END_TOKENS", "FinalGrammar", "FinalOnlyStreamer", "FinalReading",
+           "IdReader", "IdTable", "read_ids", "read_text"]
 
-TURN_END_TOKENS = ("<|end|>", "<|endoftext|>", "<|user|>", "<|system|>", "</s>")  # = lexer.TURN_END_TOKENS
 
 REASONS = {  # reason code -> what broke the grammar (the first rule broken, reading left to right)
     "text_outside_sections": "non-whitespace text (or a tag spelled any other way) before or between the blocks",

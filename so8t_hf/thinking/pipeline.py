@@ -2,18 +2,20 @@
 
 What: `transformers.TextGenerationPipeline` whose text outputs are the final of the generation under the
 positive grammar (`grammar.py`, read on the generated token ids: a tag is its id; "" when the output does not
-parse as sections + one clean final, never the thinking). Chat input gives the conversation plus `{"role": "assistant", "content": <final>}`; a string prompt
-gives the prompt plus the final (`return_full_text=False`: the final alone). `return_raw_text=True` adds
-`raw_generated_text`, the generation with its tags (developers, audits). `return_tensors=True` is unchanged.
-The tag set is the model's `config.thinking_tags` (the default set when absent).
+parse as sections + one clean final, never the thinking). Chat input gives the conversation plus
+`{"role": "assistant", "content": <final>}`; a string prompt gives the prompt plus the final
+(`return_full_text=False`: the final alone). `return_raw_text=True` adds `raw_generated_text`, the generation
+with its tags (developers, audits). `return_tensors=True` is unchanged. The tag set is the model's
+`config.thinking_tags` (the default set when absent).
 
 Shipped as remote code: every so8t_hf checkpoint holds this file as `pipeline_so8t_thinking.py`, the thinking
-format beside it as `format.py` (with `grammar.py`, `screen.py`, `lexer.py`), and names the class in `config.json` under `custom_pipelines`, so
-`pipeline("text-generation", model=REPO, trust_remote_code=True)` runs it (without `trust_remote_code`
-transformers refuses that repo's pipeline). Imports transformers and `.format` (standard library only), never
-so8t_hf. Limits: reads the token ids of `TextGenerationPipeline._forward`'s outputs (`generated_sequence`,
-`input_ids`), as transformers 5 gives them. A `streamer=` (TextStreamer, TextIteratorStreamer) is wrapped
-(`grammar.FinalOnlyStreamer`): it receives the final alone, at the end; any other streamer is refused.
+format beside it as `format.py` (with `grammar.py`, `screen.py`, `lexer.py`), and names the class in
+`config.json` under `custom_pipelines`, so `pipeline("text-generation", model=REPO, trust_remote_code=True)`
+runs it (without `trust_remote_code` transformers refuses that repo's pipeline). Imports transformers, `.format`
+and `.grammar` (standard library only), never so8t_hf. Limits: reads the token ids of
+`TextGenerationPipeline._forward`'s outputs (`generated_sequence`, `input_ids`), as transformers 5 gives them.
+A `streamer=` (TextStreamer, TextIteratorStreamer) is wrapped (`grammar.FinalOnlyStreamer`): it receives the
+final alone, at the end; any other streamer is refused.
 
 Origin: transformers' custom pipelines (`custom_pipelines` in a model's config, as databricks/dolly-v2 ships
 its instruction pipeline).
@@ -55,7 +57,8 @@ class So8tThinkingPipeline(TextGenerationPipeline):
             eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
             stops = [*(eos if isinstance(eos, list) else [] if eos is None else [eos]), self.tokenizer.pad_token_id]
             try:
-                self._so8t_ids = IdTable.of(self.tokenizer, model_tags(self.model.config), [i for i in stops if i is not None])
+                stops = [i for i in stops if i is not None]
+                self._so8t_ids = IdTable.of(self.tokenizer, model_tags(self.model.config), stops)
             except ValueError as exc:
                 logger.warning("reading finals on decoded text: %s", exc)
                 self._so8t_ids = None
