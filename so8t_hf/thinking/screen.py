@@ -147,8 +147,9 @@ def _unescape(text: str) -> str:
 
 def _view(text: str) -> tuple[str, bytearray]:
     """The reader's view and, per view character, 1 when it came from a non-ASCII character."""
-    parts = [_fold_char(c) for c in _unescape(text)]
-    flags = bytearray(b"".join((b"\x00" if c.isascii() else b"\x01") * len(p) for c, p in zip(_unescape(text), parts)))
+    text = _unescape(text)
+    parts = [_fold_char(c) for c in text]
+    flags = bytearray(b"".join((b"\x00" if c.isascii() else b"\x01") * len(p) for c, p in zip(text, parts)))
     return "".join(parts), flags
 
 

@@ -260,6 +260,10 @@ def test_final_only_no_digest_and_usage_hides_the_thinking_length(server, client
     row = rows_by_id(server)[r["request_id"]]
     assert row["thinking_hmac"] is None and row["final_chars"] == len(r["final"])
     assert row["generation_text"] is None and row["completion_tokens"] == end and row["latency_ms"] > 0
+    assert row["reason"] is None  # shown: no reason
+    cut = client.post("/think", json={"query": "q", "max_new_tokens": 3}, headers=ALICE).json()  # inside thinking
+    assert (cut["final"], cut["outcome"], cut["reason"]) == ("", "withheld", "unclosed_section")
+    assert rows_by_id(server)[cut["request_id"]]["reason"] == "unclosed_section"  # the operator sees why
 
 
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-4, 0.0009])
