@@ -5,7 +5,10 @@ parser (`tests/leak_paths.py`), and the four HTTP routes of `so8t-hf serve` (the
 `tests/serve/test_serve_leaks.py`, over loopback). Each cell: leaks / cases (cases whose final was shown; only
 the `in_section` position, where the marker sits inside a closed thinking section, should be shown).
 
-    PYTHONPATH=$PWD python benchmarks/leaks_v3.py --out benchmarks/results/leaks_v3.md
+    PYTHONPATH=$PWD python benchmarks/leaks_v3.py --out benchmarks/results/leaks_v3.md [--before-src DIR]
+
+`--before-src DIR`: also run the same generations through `extract_final` of another checkout (e.g. the code
+before the grammar, `git archive 3813ad7 | tar -x -C DIR`), in a subprocess, for a before/after column.
 """
 
 from __future__ import annotations
@@ -52,8 +55,36 @@ def echo_server(tmp: Path):
     return server, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {SECRET_KEY}"}, timeout=60)
 
 
+_BEFORE = """
+import json, random, sys
+sys.path.insert(0, sys.argv[1])
+import so8t_hf
+from so8t_hf.thinking import extract_final
+from leak_classes import cases, leaked
+out = {}
+for c in cases(random.Random(int(sys.argv[2])), per_class=int(sys.argv[3])):
+    out.setdefault(c.cls, 0)
+    out[c.cls] += leaked(extract_final(c.text), c)
+print(json.dumps({"file": so8t_hf.__file__, "leaks": out}))
+"""
+
+
+def before(src: str, seed: int, per_class: int) -> dict:
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": src}
+    res = subprocess.run([sys.executable, "-c", _BEFORE, str(REPO / "tests"), str(seed), str(per_class)], env=env,
+                         capture_output=True, text=True, check=True, cwd=src)
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    assert data["file"].startswith(str(Path(src).resolve())), data["file"]
+    return data["leaks"]
+
+
 def main() -> None:
     import tempfile
+    from collections import Counter
 
     import transformers
     from leak_classes import CLASSES, STRUCTURAL, cases, leaked
@@ -70,6 +101,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/leaks_v3.md")
     parser.add_argument("--per-class", type=int, default=3, help="cases per class and position")
     parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--before-src", help="another checkout whose extract_final gives a 'before' column")
+    parser.add_argument("--before-label", help="how the table names that checkout (default: its path)")
     args = parser.parse_args()
 
     tok = AutoTokenizer.from_pretrained(PHI35_TOKENIZER)
@@ -90,7 +123,8 @@ def main() -> None:
     positions = sorted({c.position for c in case_list})
     text = "\n".join([
         "# Leak table of the positive grammar (issue 20)", "",
-        f"Command: `PYTHONPATH=$PWD python benchmarks/leaks_v3.py --per-class {args.per_class} --seed {args.seed}`  ",
+        f"Command: `PYTHONPATH=$PWD python benchmarks/leaks_v3.py --per-class {args.per_class} --seed {args.seed}"
+        + (f" --before-src DIR --before-label '{args.before_label}'" if args.before_src else "") + "`  ",
         f"Machine: CPU ({platform.machine()}), Python {platform.python_version()}, transformers "
         f"{transformers.__version__}; {seconds:.0f} s. Tokenizer: the real Phi-3.5 tokenizer with the tags added.",
         "",
@@ -104,6 +138,17 @@ def main() -> None:
         "marker and the secret) is never generated, and the final before it is clean.", "",
         table(counts, PATHS), "", table(counts, HTTP_PATHS), "",
     ])
+    if args.before_src:
+        old = before(args.before_src, args.seed, args.per_class)
+        n = Counter(c.cls for c in case_list)
+        rows = [f"| {c} | {old.get(c, 0)}/{n[c]} | {counts[c, 'extraction', 'leaks']}/{n[c]} |" for c in n]
+        text += "\n".join([
+            f"Before / after on the extraction path: `extract_final` of {args.before_label or args.before_src} "
+            "(the lexer-based reader) "
+            f"vs this one, same generations: {sum(old.values())} vs "
+            f"{sum(counts[c, 'extraction', 'leaks'] for c in n)} leaking generations of {len(case_list)}; "
+            f"{sum(1 for v in old.values() if v)} of {len(n)} classes leaked before.", "",
+            "| class | before | after |", "| --- | --- | --- |", *rows, ""])
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)
     if leaks:
