@@ -1,4 +1,7 @@
-"""`so8t-hf chat`: talk to a thinking model; only the `<final>` answer is shown unless --show-thinking."""
+"""`so8t-hf chat`: talk to a thinking model; only the `<final>` answer is shown unless --show-thinking.
+
+The answer is read with the positive grammar (`thinking.format.read_final`): a generation that does not parse
+as sections + one clean final shows "(no final answer: REASON)" with the grammar's reason code."""
 
 from __future__ import annotations
 
@@ -6,14 +9,19 @@ import argparse
 import sys
 
 from so8t_hf.inference.loader import DTYPE_NAMES
-from so8t_hf.thinking.format import extract_final
+from so8t_hf.thinking.format import read_final
 
 
 def reply(model, tokenizer, history, args) -> str:
-    from so8t_hf.inference.generation import generate_reply
+    from so8t_hf.inference.generation import _model_tags, generate_reply
 
     text, _, _ = generate_reply(model, tokenizer, history, args.max_new_tokens, args.temperature, args.top_p)
-    return text if args.show_thinking else extract_final(text)
+    if args.show_thinking:
+        return text
+    reading = read_final(text, _model_tags(model))
+    if not reading.final:
+        print(f"(no final answer: {reading.reason})", file=sys.stderr)
+    return reading.final
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -207,7 +207,8 @@ def root_card(summary: dict, repo_id: str, *, base_model: str | None, license: s
         "files": "- the repo root: the complete model: trained SO(8) rotations and merged LoRA, the SO8T-Phi3 "
                  "remote code (`modeling_so8t_phi3.py`, `configuration_so8t_phi3.py`), the tokenizer with the "
                  "thinking chat template, `generation_config.json` (stops at `<|end|>`), the final-only pipeline "
-                 "(`pipeline_so8t_thinking.py`, `format.py`, `lexer.py`; needs `pip install confusable-homoglyphs`)."
+                 "(`pipeline_so8t_thinking.py`, `format.py`, `grammar.py`, `screen.py`, `lexer.py`; needs `pip install "
+                 "confusable-homoglyphs`)."
                  + ("\n- `adapter/`: the LoRA adapter with the trained SO(8) rotations, for the base "
                     f"`{base_model or summary['base_model']}` (its own card: `adapter/README.md`)." if has_adapter else "")
                  + "\n- `training_log.json`, `loss_curve.png`, `run_summary.json` (every setting and metric).",

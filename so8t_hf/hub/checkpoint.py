@@ -6,8 +6,9 @@
 - The thinking tags as plain (non-special) tokens, so decoding with `skip_special_tokens=True` shows them.
 - `config.thinking_tags` (the tag set) and `config.custom_pipelines`: `pipeline("text-generation", model=...,
   trust_remote_code=True)` runs `So8tThinkingPipeline` (final answer only), shipped beside the model code as
-  `pipeline_so8t_thinking.py` + `format.py` + `lexer.py` (copies of `so8t_hf/thinking/`; the pipeline also needs
-  the small pure-Python `confusable-homoglyphs` package, which transformers asks for by name when it is missing).
+  `pipeline_so8t_thinking.py` + `format.py` + `lexer.py` + `grammar.py` + `screen.py` (copies of
+  `so8t_hf/thinking/`; the pipeline also needs the small pure-Python `confusable-homoglyphs` package, which
+  transformers asks for by name when it is missing).
 
 `complete_checkpoint(folder)` edits a saved folder (JSON, tokenizer and code files; the weights are not
 loaded), so it finishes a fresh `final/` and, before a push, an output directory written by so8t_hf 0.1.
@@ -32,6 +33,7 @@ THINKING = Path(__file__).resolve().parents[1] / "thinking"
 PIPELINE_FILE = "pipeline_so8t_thinking.py"  # the checkpoint names of thinking/pipeline.py and thinking/format.py
 FORMAT_FILE = "format.py"
 LEXER_FILE = "lexer.py"  # format.py's one import (its confusables data: pip install confusable-homoglyphs)
+GRAMMAR_FILES = ("grammar.py", "screen.py")  # the positive grammar that format.py and the pipeline read finals with
 CUSTOM_PIPELINES = {
     "text-generation": {
         "impl": "pipeline_so8t_thinking.So8tThinkingPipeline",
@@ -107,6 +109,8 @@ def complete_checkpoint(folder: str | Path, tags: ThinkingTags | None = None) ->
     shutil.copyfile(THINKING / "pipeline.py", folder / PIPELINE_FILE)
     shutil.copyfile(THINKING / "format.py", folder / FORMAT_FILE)
     shutil.copyfile(THINKING / "lexer.py", folder / LEXER_FILE)
+    for name in GRAMMAR_FILES:
+        shutil.copyfile(THINKING / name, folder / name)
     logger.info("%s: generation stops at %s; final-only text-generation pipeline %s", folder,
                 generation.eos_token_id, CUSTOM_PIPELINES["text-generation"]["impl"])
     return {"eos_token_id": generation.eos_token_id, "tags": tags}

@@ -4,7 +4,7 @@ The repo (the same files whether `so8t-hf push --dry-run DIR` writes them or a p
 
     README.md                      root card (`cards.root_card`)
     config.json, model*.safetensors, generation_config.json, modeling_so8t_phi3.py, configuration_so8t_phi3.py,
-    tokenizer files + chat template, pipeline_so8t_thinking.py, format.py, lexer.py  <- `final/`, completed
+    tokenizer files + chat template, pipeline_so8t_thinking.py, format.py, lexer.py, grammar.py, screen.py  <- `final/`
     training_log.json, loss_curve.png, run_summary.json
     adapter/                       `adapter/` of the run (LoRA + SO(8) generators + tag-token rows) + its card
 

@@ -3,7 +3,8 @@
 The raw text keeps its thinking tags: callers show users only `extract_final` of it. Stop rules: a
 generation ends at any turn-ending token of the vocabulary (`TURN_END_TOKENS`: `<|end|>`, `<|endoftext|>`,
 `<|user|>`, `<|system|>`, `</s>`), the tokenizer's EOS and the model's `generation_config.eos_token_id`;
-`extract_final` reads a generation up to the same tokens.
+`extract_final` reads a generation up to the same tokens. A `streamer=` (TextStreamer, TextIteratorStreamer)
+receives the final alone, once the generation is over (`thinking.grammar.FinalOnlyStreamer`), never the raw ids.
 """
 
 from __future__ import annotations
@@ -54,12 +55,22 @@ def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict[str, Any]:
 @torch.no_grad()
 def generate_replies(model, tokenizer, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int = 256,
                      temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
-                     progress: bool = False) -> list[tuple[str, int, int]]:
+                     progress: bool = False, streamer: Any = None) -> list[tuple[str, int, int]]:
     """(raw text with tags, prompt tokens, generated tokens) per conversation, generated `batch_size` at a time
     (left-padded, longest prompts first), with a progress bar over the rows when `progress`. Generation stops
     per row at `stop_token_ids`; greedy decoding gives the same text as one row at a time
-    (tests/inference/test_generation.py)."""
+    (tests/inference/test_generation.py). `streamer`: one conversation only; it receives the final answer of
+    the positive grammar (thinking.grammar), never the thinking."""
     from tqdm.auto import tqdm
+
+    from so8t_hf.thinking.grammar import FinalOnlyStreamer, IdTable
+
+    if streamer is not None:
+        if len(conversations) != 1:
+            raise ValueError(f"a streamer takes one conversation at a time, got {len(conversations)}")
+        if not isinstance(streamer, FinalOnlyStreamer):
+            tags = _model_tags(model)
+            streamer = FinalOnlyStreamer(streamer, IdTable.of(tokenizer, tags, stop_token_ids(tokenizer, model)))
 
     encoded = [prompt_ids(tokenizer, messages) for messages in conversations]
     stops, pad = stop_token_ids(tokenizer, model), pad_token_id(tokenizer)
@@ -76,7 +87,8 @@ def generate_replies(model, tokenizer, conversations: Sequence[list[dict[str, st
             ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]) :] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad, **sampling_kwargs(temperature, top_p))
+                             eos_token_id=stops, pad_token_id=pad, streamer=streamer,
+                             **sampling_kwargs(temperature, top_p))
         for row, i in enumerate(batch):
             new = out[row, width:].tolist()
             end = next((j + 1 for j, t in enumerate(new) if t in stops), len(new))  # drop the padding after a stop
@@ -88,6 +100,15 @@ def generate_replies(model, tokenizer, conversations: Sequence[list[dict[str, st
 
 
 def generate_reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256,
-                   temperature: float = 0.0, top_p: float = 1.0) -> tuple[str, int, int]:
-    """(raw assistant text with tags, prompt token count, generated token count) for one conversation."""
-    return generate_replies(model, tokenizer, [messages], max_new_tokens, temperature, top_p, batch_size=1)[0]
+                   temperature: float = 0.0, top_p: float = 1.0, streamer: Any = None) -> tuple[str, int, int]:
+    """(raw assistant text with tags, prompt token count, generated token count) for one conversation;
+    `streamer` receives the final answer only (`generate_replies`)."""
+    return generate_replies(model, tokenizer, [messages], max_new_tokens, temperature, top_p, batch_size=1,
+                            streamer=streamer)[0]
+
+
+def _model_tags(model: Any):
+    from so8t_hf.thinking.format import DEFAULT_TAGS, ThinkingTags
+
+    tags = getattr(getattr(model, "config", None), "thinking_tags", None)
+    return ThinkingTags(tuple(tags["sections"]), tags["final"]) if tags else DEFAULT_TAGS

@@ -5,6 +5,7 @@
 - `rotation_op`: the Triton SO(8) rotation as the `torch.library` op `so8t::so8_rotate`, which SO8T-Phi3
   models (remote code included) use when it is registered.
 - `auto`: `AutoConfig` / `AutoModelForCausalLM` know `model_type="so8t_phi3"` without remote code.
+- `vllm_reasoning`: a vLLM reasoning-parser plugin (`--reasoning-parser-plugin`), loaded by vLLM, not on import.
 """
 
 from so8t_hf.integrations import attention, auto, rotation_op  # noqa: F401  (each registers on import)

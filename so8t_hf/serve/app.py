@@ -3,8 +3,9 @@
 
 What: every API request is authenticated (one Bearer key), size-, time- and shape-checked, queued on
 the `GenerationEngine` (503 + Retry-After from measured throughput when the queue is full), answered
-with the final answer only (fail closed: a withheld final is "" with outcome `withheld`, and
-`finish_reason` `content_filter` on the OpenAI route), and audited: nothing is delivered that was not
+with the final answer only (the positive grammar of `thinking.grammar`: a withheld final is "" with outcome
+`withheld` and a `reason` code, also in the audit row's `reason` column, and `finish_reason`
+`content_filter` on the OpenAI route), and audited: nothing is delivered that was not
 audited. One committed SQLite row per authenticated request before the response leaves; a stream commits
 its row before its first byte (an audit failure is then the same JSON 500 `audit_unavailable` as without
 streaming) and rewrites it before its last event; unauthenticated failures are committed into aggregate
@@ -158,9 +159,10 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
     def log_line(ctx: _Ctx, status: int, outcome: str, row: AuditRow, latency: float) -> None:
         logger.info(
             "request_id=%s endpoint=%s key_id=%s status=%d outcome=%s stream=%d final_chars=%s prompt_tokens=%s "
-            "completion_tokens=%s thinking_hmac=%s latency_ms=%.1f", ctx.rid, ctx.endpoint, ctx.key_id, status,
+            "completion_tokens=%s thinking_hmac=%s reason=%s latency_ms=%.1f", ctx.rid, ctx.endpoint, ctx.key_id,
+            status,
             outcome, ctx.stream, row.final_chars, row.prompt_tokens, row.completion_tokens, row.thinking_hmac,
-            latency * 1000,
+            row.reason, latency * 1000,
         )
 
     async def begin(ctx: _Ctx) -> bool:
@@ -185,6 +187,7 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
             row.thinking_hmac, row.final_chars = result.thinking_hmac, len(result.final)
             row.prompt_tokens, row.completion_tokens = result.prompt_tokens, result.completion_tokens
             row.finish_reason, row.generation_text = result.finish_reason, result.text
+            row.reason = result.reason or None  # the grammar's reason code: why the final was not shown
         ok = True
         try:
             await audit.run(audit.write, row, ctx.begun)
@@ -310,18 +313,19 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
         digest = {"thinking_hmac": r.thinking_hmac} if settings.thinking_digest == "response" else {}
         if not openai:
             return {"request_id": ctx.rid, "final": r.final, "usage": usage, "finish_reason": r.finish_reason,
-                    "outcome": r.outcome, **digest}
+                    "outcome": r.outcome, "reason": r.reason, **digest}
         choice = {"index": 0, "message": {"role": "assistant", "content": r.final}, "finish_reason": finish_reason(r)}
         return {"id": f"chatcmpl-{ctx.rid}", "object": "chat.completion", "created": int(ctx.ts),
-                "model": engine.model_name, "choices": [choice], "usage": usage, "request_id": ctx.rid, **digest}
+                "model": engine.model_name, "choices": [choice], "usage": usage, "request_id": ctx.rid,
+                "reason": r.reason, **digest}
 
     def sse(data: Any, event: str | None = None) -> str:
         return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    def chunk(ctx: _Ctx, delta: dict[str, str], reason: str | None = None) -> str:
+    def chunk(ctx: _Ctx, delta: dict[str, str], reason: str | None = None, extra: dict | None = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": reason}
         return sse({"id": f"chatcmpl-{ctx.rid}", "object": "chat.completion.chunk", "created": int(ctx.ts),
-                    "model": engine.model_name, "choices": [choice]})
+                    "model": engine.model_name, "choices": [choice], **(extra or {})})
 
     def sse_error(ctx: _Ctx, code: str, message: str) -> str:
         return sse({"error": {"type": code, "message": message, "request_id": ctx.rid}}, "error")
@@ -337,7 +341,7 @@ def create_app(engine: GenerationEngine, keys: KeyStore, audit: AuditLog, settin
                     continue
                 if kind == "done" and await finish(ctx, 200, value.outcome, value):
                     if openai:
-                        yield chunk(ctx, {}, finish_reason(value))
+                        yield chunk(ctx, {}, finish_reason(value), {"reason": value.reason})
                         yield "data: [DONE]\n\n"
                     else:
                         yield sse(body_of(ctx, value, False), "done")

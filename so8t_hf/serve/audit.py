@@ -63,12 +63,13 @@ CREATE TABLE IF NOT EXISTS audit (
     finish_reason TEXT,
     latency_ms REAL NOT NULL,       -- for an aggregate: the mean
     generation_text TEXT,           -- raw generation, thinking included: only with --audit-store-thinking
-    count INTEGER NOT NULL DEFAULT 1
+    count INTEGER NOT NULL DEFAULT 1,
+    reason TEXT                     -- why the final was not shown: a thinking.grammar.REASONS code; NULL when shown
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE TABLE IF NOT EXISTS audit_probe (id INTEGER PRIMARY KEY CHECK (id = 1), ts REAL NOT NULL);
 """
-_ADDED = {"thinking_hmac": "TEXT", "count": "INTEGER NOT NULL DEFAULT 1"}  # columns that 0.2 tables lack
+_ADDED = {"thinking_hmac": "TEXT", "count": "INTEGER NOT NULL DEFAULT 1", "reason": "TEXT"}  # columns older tables lack
 
 
 class AuditError(RuntimeError):
@@ -92,6 +93,7 @@ class AuditRow:
     finish_reason: str | None = None
     generation_text: str | None = None
     count: int = 1
+    reason: str | None = None
 
 
 AUDIT_COLUMNS = (*AuditRow.__dataclass_fields__, "ts_iso")

@@ -9,13 +9,17 @@ What:
 - `encode_messages` refuses (`ForbiddenContent`) message content that the tokenizer would encode as
   any of its added tokens: role tokens (`<|system|>`, `<|assistant|>`...), specials (`</s>`), and the
   thinking / final tags whatever their `special` flag, so client text can never forge a turn or a tag.
-- Streaming uses `format.visible_final_prefix` (fail closed: never text a later token could turn into
-  thinking); the result uses `format.read_final` (a withheld final is "").
+- What is delivered is decided by the positive grammar (`thinking.grammar`), on token ids when the tags are
+  single tokens of the tokenizer (a tag is its id, never a spelling), else on the decoded text (logged at
+  start). It is read incrementally after every token (O(1) per token): generation stops once the final
+  closes, or as soon as the output can no longer be shown (withheld: nothing more is worth generating). A
+  stream sends the final in one delta once the generation is over, and only when the result shows it: a
+  stream never shows anything that the non-streaming answer would not (`GenResult.reason` says why not).
 - The thinking digest is an HMAC under the operator's key (`digest_key`), never a plain hash; without
   a key there is none.
 
-Limits: batch size 1 per worker (no continuous batching); a literal `<` in an answer delays the
-stream until the next `>` or the end; thinking text never leaves this module except through
+Limits: batch size 1 per worker (no continuous batching); a stream gets the final only at the end of the
+generation (any later token could still withhold it); thinking text never leaves this module except through
 `GenResult.text`, which the app only writes to the audit DB under `--audit-store-thinking`. The time
 a request takes still says how long its thinking was (a timing side channel this service does not hide).
 """
@@ -41,10 +45,10 @@ from so8t_hf.thinking.format import (
     ThinkingTags,
     final_is_closed,
     find_thinking_problems,
-    read_final,
     thinking_hash,
     visible_final_prefix,
 )
+from so8t_hf.thinking.grammar import IdReader, IdTable, read_ids, read_text
 from so8t_hf.thinking.lexer import until_turn_end
 
 __all__ = ["GREEDY_BELOW", "ForbiddenContent", "GenParams", "GenResult", "GenerationEngine", "Job", "QueueFull",
@@ -89,6 +93,7 @@ class GenResult:
     finish_reason: str  # "stop" | "length" | "cancelled"
     well_formed: bool
     text: str = field(repr=False)  # raw generation, thinking included: audit DB only, never returned
+    reason: str = ""  # the grammar's reason code (thinking.grammar.REASONS): why the final is not shown
 
     @property
     def outcome(self) -> str:
@@ -135,21 +140,30 @@ class Job:
 
 
 class _StepHook(StoppingCriteria):
-    """Called by `generate` after every new token: streams safe final deltas, stops on a closed final."""
+    """Called by `generate` after every new token: reads it into the grammar (O(1) per token on ids) and stops
+    once the final is closed or the output is withheld already (nothing more could be shown)."""
 
     def __init__(self, engine: GenerationEngine, job: Job, prompt_len: int) -> None:
         self.engine, self.job, self.prompt_len = engine, job, prompt_len
+        self.seen = 0
+        self.reader = IdReader(engine.id_table) if engine.id_table is not None else None
+        self.tail = ""  # text mode: the decoded last tokens, to see the final's closing tag arrive
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         job, eng = self.job, self.engine
         stop = job.cancel.is_set()
-        new = input_ids[0, self.prompt_len :].tolist()
-        if job.stream or (new and new[-1] == eng.final_close_id):
-            text = eng.decode(new)
-            if job.stream:
-                eng.stream_delta(job, visible_final_prefix(text, eng.tags))
-            if new and new[-1] == eng.final_close_id:
-                stop |= final_is_closed(text, eng.tags)
+        new = input_ids[0, self.prompt_len + self.seen :].tolist()
+        self.seen += len(new)
+        if self.reader is not None:
+            with eng._tok_lock:  # text between blocks is decoded (one token) to see whether it is whitespace
+                for tid in new:
+                    self.reader.feed(tid)
+            stop |= self.reader.grammar.done
+        elif new:
+            close = f"</{eng.tags.final}>"
+            self.tail = (self.tail + eng.decode(new))[-4 * len(close) :]
+            if self.tail.endswith(close):
+                stop |= final_is_closed(eng.decode(input_ids[0, self.prompt_len :].tolist()), eng.tags)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
@@ -174,6 +188,12 @@ class GenerationEngine:
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self._control_ids = {int(i): str(t) for i, t in decoder.items()}  # every added token: roles, specials, tags
+        try:
+            self.id_table: IdTable | None = IdTable.of(tokenizer, tags, self.stop_ids)
+            logger.info("finals are read on token ids (the thinking tags are single tokens)")
+        except ValueError as exc:
+            self.id_table = None
+            logger.warning("finals are read on decoded text: %s", exc)
 
     # -- tokenizer ------------------------------------------------------------------------------
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
@@ -304,11 +324,10 @@ class GenerationEngine:
         )
         new = out[0, ids.shape[1] :].tolist()
         text = self.decode(new)
-        reading = read_final(text, self.tags)
-        if job.stream:
-            self.stream_delta(job, reading.final)
-            if reading.final and not reading.final.startswith(job.sent):
-                logger.warning("stream diverged from the final answer (sent %d chars)", len(job.sent))
+        with self._tok_lock:
+            reading = read_ids(new, self.id_table) if self.id_table is not None else read_text(text, self.tags)
+        if job.stream and not job.cancel.is_set():
+            self.stream_delta(job, reading.final)  # the whole final, once: what the JSON answer shows
         if job.cancel.is_set():
             reason = "cancelled"
         elif new and (new[-1] in self.stop_ids or reading.closed):
@@ -320,4 +339,5 @@ class GenerationEngine:
             final=reading.final, status=reading.status, thinking_hmac=digest, prompt_tokens=len(job.prompt_ids),
             completion_tokens=len(new), final_tokens=self.count_tokens(reading.final), finish_reason=reason,
             well_formed=not find_thinking_problems(until_turn_end(text, self.tags).strip(), self.tags), text=text,
+            reason=reading.reason,
         )

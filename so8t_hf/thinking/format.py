@@ -9,24 +9,21 @@ What: an assistant answer is a fixed sequence of thinking sections followed by o
 
 (one block per line, section text stripped of surrounding whitespace, no text outside the
 blocks). Only the `<final>` text is ever shown to users. Training data is checked with the strict
-parser (`find_thinking_problems` / `validate_thinking` / `parse_thinking`); model generations are
-read with `read_final` / `extract_final`, an allow-list that FAILS CLOSED, and streamed with
-`visible_final_prefix`. Tags are recognised by the one lexer (`lexer`): after NFKC-style folding,
-with zero-width characters removed, confusables and bracket lookalikes mapped, and any characters
-allowed between a thinking tag's name and its `>`.
+parser (`find_thinking_problems` / `validate_thinking` / `parse_thinking`, on the lexer's tokens); model
+generations are read with `read_final` / `extract_final` / `visible_final_prefix`, which route through the
+positive grammar of `grammar` (allow, don't deny): the final is shown only when the whole output parses as
+the canonical shape and the final's text holds nothing tag-like (`screen`); anything else is WITHHELD
+(outcome `withheld`, shown as "") with a reason code (`grammar.REASONS`).
 
-The fail-closed rule: the final is WITHHELD (outcome `withheld`, shown as "") when the final region
-holds anything the lexer reads as a thinking tag (opening, closing or self-closing, exact or
-disguised), when the assembled final does, or when any thinking section is left unterminated. Its
-cost: a final that talks about the tags themselves (`use <think-task> for ...`), or prose where a `<`
-is followed by a word starting with `think`, is withheld, and a stream may already have shown the
-beginning of a final that is withheld at its end (never thinking text: see `visible_final_prefix`).
+Its cost: a final that quotes the tags (`use <think-task> for ...`), puts a bracket before a tag word
+(`(think twice)`), or is cut off (a length limit) is withheld, and a stream shows the final only once the
+output is complete.
 
-Limits: pure text, no tokenizer (tokens, chat template and loss masks are in `chat_template`).
+Limits: pure text (token ids: `grammar.read_ids`; tokens, chat template and loss masks: `chat_template`).
 Plain-prose thinking outside any tag cannot be recognised.
 
 Origin: the three-section safety-reasoning layout of the SO8T origin project, with its tag set
-made configurable and its answer extraction rewritten as a fail-closed allow-list (issue 14).
+made configurable and its answer extraction rewritten as a positive grammar (issues 14, 20).
 """
 
 from __future__ import annotations
@@ -38,7 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .lexer import TURN_END_TOKENS, Tok, fold, lex, partial_tag_start  # relative: also shipped beside the pipeline
+from .grammar import FinalReading, read_text  # relative: shipped beside the pipeline with lexer.py and screen.py
+from .lexer import TURN_END_TOKENS, Tok, lex, partial_tag_start
 
 __all__ = [
     "DEFAULT_TAGS",
@@ -247,19 +245,8 @@ def render_thinking(sections: Mapping[str, str], final: str, tags: ThinkingTags 
 # Lenient, fail-closed side: model generations.
 
 
-class FinalReading(NamedTuple):
-    """How a generation reads: the final users may see, and why it is what it is."""
-
-    final: str  # the answer to show: stripped; "" when there is none or it is withheld
-    status: str  # "final" | "no_final" | "withheld"
-    reason: str  # why it is withheld ("" otherwise)
-    draft: str  # the first final region's text so far, tags removed, unstripped ("" without one)
-    closed: bool  # the first final region was closed by its tag, outside thinking
-    regions: tuple[tuple[str, str], ...]  # thinking regions: (opening tag name, raw inner text)
-
-
 def _scan(text: str, tags: ThinkingTags) -> FinalReading:
-    """Read `text` by the rules of `read_final`."""
+    """The lexer-based reading of issue 14: kept for `thinking_hash` (its regions); finals use the grammar."""
     toks: list[Tok] = []
     for tok in lex(text, tags):
         if tok.turn_end:
@@ -311,50 +298,40 @@ def _scan(text: str, tags: ThinkingTags) -> FinalReading:
 
 
 def read_final(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> FinalReading:
-    """Read a generation, failing closed. Rules, in order:
-
-    - The generation ends at its first turn-end token (`TURN_END_TOKENS`); an unfinished tag at its
-      very end (`</fin`, `<|en`, `<thi`) is dropped.
-    - A thinking tag (lexer: exact or disguised, self-closing included) opens thinking that lasts
-      until the matching number of thinking closing tags, or to the end; everything inside it, final
-      tags included, is thinking.
-    - Outside thinking, the first `<final>` opens the final region and `</final>` ends it; other
-      tags and specials inside it are dropped; the first final wins.
-    - WITHHELD (status `withheld`, `final` ""): a thinking tag inside the final region, a thinking
-      tag in the final as assembled (tags dropped from `a <<final>think>` would form one), or any
-      thinking section left unterminated.
-    No final region, or an empty one, is `no_final` (never the raw text).
-    """
-    return _scan(text, tags)
+    """Read a generation under the positive grammar (`grammar`): the final is shown only when the whole text is
+    whitespace, the configured sections (each at most once, in order, exact tags), one `<final>...</final>`
+    whose text holds nothing tag-like (`screen`), then only whitespace and turn-end tokens. Anything else is
+    `withheld` with a reason code (`grammar.REASONS`); the end of `text` is the end of the output, so a text
+    cut inside the final is withheld (`truncated`). A well-formed output with an empty final is `no_final`.
+    With token ids, read them with `grammar.read_ids` instead (a tag is its id, never a spelling)."""
+    return read_text(text, tags)
 
 
 def extract_final(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> str:
     """The user-visible answer of a generation: `read_final(text).final` (stripped; "" when withheld)."""
-    return _scan(text, tags).final
+    return read_text(text, tags).final
 
 
 def final_is_closed(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> bool:
-    """True when the first final region of `text` has been closed by its tag, outside any thinking."""
-    return _scan(text, tags).closed
+    """True when the final of `text` has been closed by its tag in grammatical position."""
+    return read_text(text, tags).closed
 
 
-def visible_final_prefix(text: str, tags: ThinkingTags = DEFAULT_TAGS) -> str:
-    """What may be streamed of a partial generation: final text that no continuation can turn into thinking.
+def visible_final_prefix(text: str, tags: ThinkingTags = DEFAULT_TAGS, complete: bool = False) -> str:
+    """What a stream may show of a (partial) generation: the whole final, once nothing can withhold it; else "".
 
-    Everything from the last `<` (or lookalike) that has no `>` after it is held back (it may still
-    become a tag), incomplete UTF-8 (U+FFFD) at the end waits, then the rest is read with `read_final`:
-    its final's draft with leading whitespace and trailing whitespace removed, or "" when it is
-    withheld or has no final. Folding is per character, so for a growing text the result only grows
-    by appending until the generation is withheld; the stream then stops (what was sent is a prefix
-    of the final the generation had before it was withheld, never thinking text).
+    Text shown in a stream must never turn out to belong to a withheld output, and any later token could
+    still withhold it (a tag-like construct in the final, text after it). So the final is shown only when the
+    output is over: `text` holds a turn-end token after the closed final, or `complete=True` (the caller knows
+    the generation ended, e.g. it stopped on the closing tag). Then it is `read_final(text).final`; the stream
+    never shows anything the non-streaming answer does not.
     """
-    text = text.rstrip("\ufffd")
-    f = fold(text)
-    lt = f.text.rfind("<")
-    if lt >= 0 and ">" not in f.text[lt:]:
-        text = text[: f.start(lt)]
-    reading = _scan(text, tags)
-    return "" if reading.status == "withheld" else reading.draft.strip()
+    reading = read_text(text, tags)
+    if reading.status != "final":
+        return ""
+    if complete or any(t in text[text.rfind(f"</{tags.final}>"):] for t in TURN_END_TOKENS):
+        return reading.final
+    return ""
 
 
 def thinking_hash(text: str, tags: ThinkingTags = DEFAULT_TAGS, key: bytes | None = None) -> str:

@@ -1,9 +1,10 @@
 """The one lexer of the thinking format: tags, `<|...|>` role / turn-end tokens, and a reader's folding.
 
 What: `lex(text, tags)` splits text into text, tag and special tokens (spans in the original text);
-`fold(text)` is the view it compares against. Everything that reads tags (`format`: the strict parser,
-`read_final` / `extract_final` and the streaming rule; `validation`; `metrics.scoring`; `serve`) uses
-this module, and the turn-end and role tokens are defined here once (`TURN_END_TOKENS`, `ROLE_TOKENS`).
+`fold(text)` is the view it compares against. The strict parser of training data (`format`), `validation`,
+`metrics.scoring` and `thinking_hash` use this module; what a user may see is decided by the positive grammar
+(`grammar`, `screen`), not by this lexer. The turn-end and role tokens are defined here once (`TURN_END_TOKENS`,
+`ROLE_TOKENS`).
 
 A tag is recognised the way a reader sees it. Each character is folded on its own: compatibility
 decomposition (NFKD, so NFKC's full-width and styled forms count), combining marks, zero-width and other

@@ -29,7 +29,8 @@ def test_an_old_run_is_completed_when_staged(hub_run, tmp_path):
 
     files = stage_output_dir(old, tmp_path / "stage", REPO_ID)
     stage = tmp_path / "stage"
-    assert {"pipeline_so8t_thinking.py", "format.py", "lexer.py", "adapter/README.md"} <= {str(f.relative_to(stage)) for f in files}
+    assert {"pipeline_so8t_thinking.py", "format.py", "lexer.py", "grammar.py", "screen.py", "adapter/README.md"} <= {
+        str(f.relative_to(stage)) for f in files}
     eos = json.loads((stage / "generation_config.json").read_text())["eos_token_id"]
     assert eos[0] == 32007 and 32000 in eos  # <|end|> first, the EOS kept
     staged = json.loads((stage / "config.json").read_text())

@@ -29,11 +29,11 @@ from paths import PHI35_TOKENIZER, REPO
 SECRET = "SECRETMARK"
 ASSISTANT_ID = 32001  # <|assistant|>: the last prompt token, so the script's start
 
-# The generation: thinking with the secret (a special-token opening tag, the closing tag spelled out in
-# ordinary pieces, so a stream sees "<", "</think", ... while thinking is open), then a clean final answer
-# with a literal "<" (held back by the stream until the end), the final's closing tag and the end.
+# The generation: thinking with the secret (between the tag tokens; the grammar reads tags as their ids, so a
+# closing tag spelled in ordinary pieces would leave the section open and withhold the answer), then a clean
+# final answer with a literal "<", the final's closing tag and the end.
 SCRIPT_PIECES = [
-    ("tok", "<think-task>"), ("text", f"{SECRET} plan</think-task>"),
+    ("tok", "<think-task>"), ("text", f"{SECRET} plan"), ("tok", "</think-task>"),
     ("tok", "<final>"), ("text", "The answer is 42 (a < b)"), ("tok", "</final>"), ("tok", "<|end|>"),
 ]
 FINAL = "The answer is 42 (a < b)"

@@ -297,7 +297,8 @@ def test_final_only_no_digest_and_usage_hides_the_thinking_length(server, client
     end = len(demo.script) - 1  # generation stops once </final> closes the answer
     r = client.post("/think", json={"query": "What is 6*7?"}, headers=ALICE).json()
     assert r["final"] == extract_final(demo.text) == FINAL and r["outcome"] == "malformed"  # one section only
-    assert set(r) == {"request_id", "final", "usage", "finish_reason", "outcome"}  # no thinking digest by default
+    assert set(r) == {"request_id", "final", "usage", "finish_reason", "outcome", "reason"}  # no thinking digest
+    assert r["reason"] == ""  # shown: no reason
     final_tokens = len(AutoTokenizer.from_pretrained(demo.path).encode(FINAL, add_special_tokens=False))
     assert r["usage"]["completion_tokens"] == final_tokens < end and r["finish_reason"] == "stop"
     sampled = client.post("/think", json={"messages": [{"role": "system", "content": "be brief"},
@@ -314,6 +315,10 @@ def test_final_only_no_digest_and_usage_hides_the_thinking_length(server, client
     row = rows_by_id(server)[r["request_id"]]
     assert row["thinking_hmac"] is None and row["final_chars"] == len(r["final"])
     assert row["generation_text"] is None and row["completion_tokens"] == end and row["latency_ms"] > 0
+    assert row["reason"] is None  # shown: no reason
+    cut = client.post("/think", json={"query": "q", "max_new_tokens": 3}, headers=ALICE).json()  # inside thinking
+    assert (cut["final"], cut["outcome"], cut["reason"]) == ("", "withheld", "unclosed_section")
+    assert rows_by_id(server)[cut["request_id"]]["reason"] == "unclosed_section"  # the operator sees why
 
 
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-4, 0.0009])
@@ -392,8 +397,10 @@ def test_every_truncation_of_a_malformed_generation_leaks_nothing(client, demo):
         content = "".join(json.loads(d)["choices"][0]["delta"].get("content", "")
                           for _, d in sse_events(o.text) if d != "[DONE]")
         assert content == expected, (k, content)
-        outcomes.add(r.json()["outcome"])
-    assert {"no_final", "truncated", "malformed"} <= outcomes
+        outcomes.add((r.json()["outcome"], r.json()["reason"]))
+        assert done["reason"] == r.json()["reason"]
+    # a cut-off final is withheld (the grammar: truncated), as is a cut inside the section or before the final
+    assert {("withheld", "truncated"), ("withheld", "unclosed_section"), ("malformed", "")} <= outcomes, outcomes
 
 
 def test_sse_formats(client):
@@ -401,7 +408,7 @@ def test_sse_formats(client):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
     events = sse_events(text)
-    assert [n for n, _ in events][-1] == "done" and all(n == "delta" for n, _ in events[:-1]) and len(events) > 2
+    assert [n for n, _ in events][-1] == "done" and all(n == "delta" for n, _ in events[:-1]) and len(events) == 2
     done = json.loads(events[-1][1])
     assert set(done) >= {"final", "outcome", "usage", "request_id"} and "thinking_hmac" not in done
     assert done["request_id"] == r.headers["X-Request-ID"]
@@ -411,7 +418,7 @@ def test_sse_formats(client):
     assert chunks[-1] == "[DONE]"
     first, last = json.loads(chunks[0]), json.loads(chunks[-2])
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {"role": "assistant"}
-    assert last["choices"][0]["finish_reason"] == "stop"
+    assert last["choices"][0]["finish_reason"] == "stop" and last["reason"] == ""
 
 
 def test_client_disconnect_mid_stream_is_audited(server, client):

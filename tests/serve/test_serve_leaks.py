@@ -101,6 +101,7 @@ def _texts():
         texts.append(f"{tag}{SECRET} never closed <final>fake {SECRET}</final>")
     rng = random.Random(140)
     texts += [generation(rng)[0] for _ in range(30)]
+    texts.append("<think-task>plan</think-task><final> </final>")  # well formed, empty: no_final
     return texts
 
 
@@ -145,3 +146,45 @@ def test_no_path_leaks_disguised_thinking(echo_server):
             finals.append(body["final"])
     assert statuses == {"final", "withheld", "no_final"}
     assert thinking_leak(texts, finals=finals) == {"thinking_leak_rate": 0.0}
+
+
+HTTP_PATHS = ["/think", "/think SSE", "/v1/chat/completions", "/v1/chat/completions SSE"]
+
+
+def http_paths(client):
+    """{path: function(case) -> what the user of that route sees} over an httpx client of the echo server."""
+
+    def post(body, route):
+        r = client.post(route, json=body)
+        assert r.status_code == 200, r.text
+        return r
+
+    def chat(case):
+        return {"messages": [{"role": "user", "content": case.text}], "temperature": 0}
+
+    return {
+        "/think": lambda c: post({"query": c.text}, "/think").json()["final"],
+        "/think SSE": lambda c: "".join(think_stream_final(post({"query": c.text, "stream": True}, "/think").text)[0]),
+        "/v1/chat/completions": lambda c: post(chat(c), "/v1/chat/completions").json()["choices"][0]["message"][
+            "content"],
+        "/v1/chat/completions SSE": lambda c: _openai_content(post({**chat(c), "stream": True},
+                                                                   "/v1/chat/completions").text)[0],
+    }
+
+
+def test_the_issue_20_classes_leak_on_no_http_route(echo_server):
+    from leak_classes import CLASSES, STRUCTURAL, cases, leaked
+    from leak_paths import run, table
+
+    rng = random.Random(2021)
+    case_list = [c for c in cases(rng, per_class=1) if c.position in ("inside_final", "before_final", "in_section")
+                 or c.cls in STRUCTURAL]
+    with httpx.Client(base_url=echo_server, headers={"Authorization": f"Bearer {SECRET_KEY}"}, timeout=60) as client:
+        counts = run(case_list, http_paths(client), leaked)
+    print("\n" + table(counts, HTTP_PATHS))
+    classes = [*CLASSES, *STRUCTURAL]
+    assert {c.cls for c in case_list} == set(classes)
+    for path in HTTP_PATHS:
+        assert sum(counts[c, path, "leaks"] for c in classes) == 0, table(counts, [path])
+        live = sum(counts[c, path, "shown"] for c in classes)
+        assert live >= 0.9 * sum(c.shown for c in case_list), (path, live)  # clean finals are still delivered

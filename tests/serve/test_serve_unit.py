@@ -37,17 +37,13 @@ ADVERSARIAL = [
 
 
 def _check_prefixes(text: str, tags=TAG_PRESETS["default"]) -> None:
-    """Every prefix's visible text extends what was shown before (or is "" once withheld: nothing more is sent),
-    and what was shown is a prefix of the whole text's final, or of its draft when the final is withheld."""
+    """A prefix shows something only once its output is over (a turn end after the final), and then exactly
+    the final of the whole text, which is shown: a stream never shows text of a withheld output."""
     full = read_final(text, tags)
-    shown = ""
     for i in range(len(text) + 1):
         visible = visible_final_prefix(text[:i], tags)
         if visible:
-            assert visible.startswith(shown), (text, i, visible, shown)
-            shown = visible
-    target = full.final if full.status != "withheld" else full.draft.strip()
-    assert target.startswith(shown), (text, shown, full)
+            assert full.status == "final" and visible == full.final, (text, i, visible, full)
 
 
 @pytest.mark.parametrize("text", ADVERSARIAL)
@@ -58,12 +54,13 @@ def test_stream_hold_back_never_shows_thinking(text):
 
 
 def test_stream_hold_back_releases_text_as_soon_as_it_is_decided():
-    assert visible_final_prefix("<final>The answer is 4") == "The answer is 4"
-    assert visible_final_prefix("<final>The answer is 42 <thi") == "The answer is 42"  # '<thi' may be a tag
-    assert visible_final_prefix("<final>a < b") == "a"  # held until '>' or the end...
-    assert extract_final("<final>a < b") == "a < b"  # ...where the server flushes extract_final itself
-    assert visible_final_prefix("<final>a < b > c") == "a < b > c"
-    assert visible_final_prefix("<final>x\ufffd") == "x"  # incomplete UTF-8 waits
+    """Any later token could still withhold a final, so it is released only once the output is over."""
+    assert visible_final_prefix("<final>The answer is 4") == ""
+    assert visible_final_prefix("<final>The answer is 42</final>") == ""  # text could still follow
+    assert visible_final_prefix("<final>The answer is 42</final>", complete=True) == "The answer is 42"
+    assert visible_final_prefix("<final>a < b</final>\n<|end|>") == "a < b" == extract_final("<final>a < b</final>")
+    assert visible_final_prefix("<final>a <think> b</final><|end|>") == ""  # withheld: nothing, ever
+    assert visible_final_prefix("<final>a</final> more<|end|>") == ""
 
 
 def test_stream_hold_back_fuzz():

@@ -162,30 +162,33 @@ ADVERSARIAL = [
     ("<final>A <think-task>S never closed", ""),  # unterminated thinking: withheld
     ("<final>A <think-safety>S</think-safety>B</final>", ""),  # thinking inside the final: withheld
     ("<final>A <think-task>x<think-task>y</think-task> S</think-task> B</final>", ""),
-    ("<think-task>x<think-task>y</think-task> S</think-task><final>A</final>", "A"),  # nested, closed
-    (THINKING + "\n<final>still going", "still going"),
-    ("<final>first</final><final>second</final>", "first"),
-    ("<think-task>S <final>fake</final> S</think-task>\n<final>real</final>", "real"),
-    ("<THINK-TASK>S</THINK-TASK>< final >ok</ FINAL >", "ok"),
-    ("< think-task >S</ think-task ><Final>ok</final>", "ok"),
-    ('<think-task id="1">S</think-task><final class="x">ok</final>', "ok"),
+    ("<think-task>x<think-task>y</think-task> S</think-task><final>A</final>", ""),  # nested: withheld (grammar)
+    (THINKING + "\n<final>still going", ""),  # truncated: withheld
+    ("<final>first</final><final>second</final>", ""),  # second final
+    ("<think-task>S <final>fake</final> S</think-task>\n<final>real</final>", ""),  # final in a section
+    ("<THINK-TASK>S</THINK-TASK>< final >ok</ FINAL >", ""),  # tags are exact
+    ("< think-task >S</ think-task ><Final>ok</final>", ""),
+    ('<think-task id="1">S</think-task><final class="x">ok</final>', ""),
     ("<think-task S <final>fake</final>", ""),
-    ("<think>S</think><final>ok</final>", "ok"),
-    ("<thinking>S</thinking><think-logic>S</think-logic><final>ok</final>", "ok"),
+    ("<think>S</think><final>ok</final>", ""),  # not a configured section
+    ("<thinking>S</thinking><think-logic>S</think-logic><final>ok</final>", ""),
     ("<think-task/>S<final>fake</final>", ""),
-    ("preamble <final>ok</final>", "ok"),
-    ("<|assistant|><final><|placeholder1|>ok</final><|end|><|endoftext|>", "ok"),
-    ("<final>ok<|end|><|user|>next<|assistant|><final>more", "ok"),
-    ("<final>ok<|endoftext|><think-task>S", "ok"),
+    ("preamble <final>ok</final>", ""),  # text outside the sections
+    ("<|assistant|><final><|placeholder1|>ok</final><|end|><|endoftext|>", ""),
+    ("<final><|placeholder1|>ok</final><|end|><|endoftext|>", ""),  # a special in the final
+    ("\n <final> ok </final>\n<|end|><|endoftext|>", "ok"),
+    ("<final>ok<|end|><|user|>next<|assistant|><final>more", ""),  # turn end inside the final
+    ("<final>ok<|endoftext|><think-task>S", ""),
+    ("<final>ok</final><|endoftext|><think-task>S", ""),  # text after the final's turn end
     ("<|end|><final>late</final>", ""),
-    ("<final>ok</s><final>x</final>", "ok"),
-    ("<final>A</fin", "A"),
-    ("<final>A<|en", "A"),
-    ("<final>A <thi", "A"),
+    ("<final>ok</s><final>x</final>", ""),
+    ("<final>A</fin", ""),  # cut off: withheld
+    ("<final>A<|en", ""),
+    ("<final>A <thi", ""),
     ("<final>a < b and b > c, List<int> <b>x</b></final>", "a < b and b > c, List<int> <b>x</b>"),
     ("<final>stray </think-task>tags<final> gone</final>", ""),  # a thinking closer in the final
-    ("<final>stray <final>tags</ b> gone</final>", "stray tags</ b> gone"),
-    ("</think-task><final>ok</final>", "ok"),  # a stray closer outside the final hides nothing
+    ("<final>stray <final>tags</ b> gone</final>", ""),
+    ("</think-task><final>ok</final>", ""),  # a stray closer: withheld
     ("<final>a <<final>think-task>S</final>", ""),  # dropping <final> would form a thinking tag
     ("<final/>ok", ""),
     ("<think-task>S</think-task><final>答えは<think-policy>S</think-policy>42です。</final>", ""),
@@ -244,14 +247,17 @@ def test_extract_final_never_leaks_randomized():
     rng = random.Random(20240607)
     answered = 0
     residue = re.compile(r"<\s*/?\s*(think|final\b)|<\s*\|[^<>|]*\|\s*>|SECRETTHOUGHT", re.IGNORECASE)
-    for _ in range(3000):
+    for n in range(3000):
         text = _adversarial_generation(rng)
+        if n % 4 == 0:  # a grammatical output, noise and secrets inside its sections only: it must be shown
+            noise = "".join(rng.choice(["<thi", "</fin", "<final", " SECRETTHOUGHT1 ", "<|placeholder1|>", "<"]) for _ in range(3))
+            text = f"<think-task>{noise}</think-task>\n<think-policy>{noise}</think-policy><final> ANSWER{n} </final>"
         out = extract_final(text)
         assert residue.search(out) is None, (text, out)
         answered += "ANSWER" in out
         # the thinking of the same text never changes the answer: drop all secrets, same output
         assert extract_final(re.sub(r"SECRETTHOUGHT\d+", "", text)) == out
-    assert answered > 100  # 136 with this seed: the property is not met by returning "" everywhere
+    assert answered >= 750  # every grammatical one: the property is not met by returning "" everywhere
 
 
 def test_lenient_reader_is_linear_on_pathological_text():

@@ -41,8 +41,8 @@ def test_every_disguise_class_is_a_thinking_tag_and_withholds_the_final(cls, tag
     inside = f"<final>The answer {tag}{SECRET} is 42</final>"
     reading = read_final(inside)
     assert reading.final == "" and reading.status == "withheld" and SECRET not in reading.final
-    before = f"{tag}{SECRET}</think-task><final>ok</final>"  # thinking before the final: hidden, final shown
-    assert extract_final(before) == "ok"
+    before = f"{tag}{SECRET}</think-task><final>ok</final>"  # a disguised tag outside the sections: withheld
+    assert read_final(before).reason == "text_outside_sections" and extract_final(before) == ""
     swallowing = f"{tag}{SECRET}<final>fake</final>"  # never closed: everything after it is thinking
     assert extract_final(swallowing) == ""
     assert find_thinking_problems(GOOD.replace("<think-task>", tag, 1))  # training data: reported, never accepted
@@ -50,13 +50,14 @@ def test_every_disguise_class_is_a_thinking_tag_and_withholds_the_final(cls, tag
 
 @pytest.mark.parametrize("text, status, reason", [
     (GOOD, "final", ""),
-    ("<final>A</final><think-task>S", "withheld", "an unterminated thinking section <think-task>"),
-    ("<final>A <think-task>S", "withheld", "a thinking tag inside the final answer ('<think-task>')"),
-    ("<final>A <think-x>S</think-x> B</final>", "withheld", "a thinking tag inside the final answer ('<think-x>')"),
-    ("<final>a <<final>think-task>S</final>", "withheld", "the assembled final answer holds a thinking tag"),
-    ("<think-task>S", "no_final", ""),
-    ("<final> </final>", "no_final", ""),
-    ("just text", "no_final", ""),
+    ("<final>A</final><think-task>S", "withheld", "text_after_final"),
+    ("<final>A <think-task>S", "withheld", "tag_in_final"),
+    ("<final>A <think-x>S</think-x> B</final>", "withheld", "tag_in_final"),
+    ("<final>a <<final>think-task>S</final>", "withheld", "tag_in_final"),
+    ("<think-task>S", "withheld", "unclosed_section"),
+    ("<final> </final>", "no_final", "empty_final"),
+    ("just text", "withheld", "text_outside_sections"),
+    ("", "withheld", "missing_final"),
 ])
 def test_read_final_says_why(text, status, reason):
     reading = read_final(text)
@@ -88,20 +89,15 @@ def test_the_cost_of_failing_closed_is_documented_behaviour():
 
 
 def _check_stream(text: str, tags=DEFAULT_TAGS) -> None:
-    """Every prefix: no secret; what is visible only grows, until the reading is withheld; the last equals
-    the final (or is a prefix of the withheld draft)."""
-    full = read_final(text, tags)
-    shown = ""
+    """Every prefix shows nothing until the output is over (a turn end after the final); what is shown then is
+    the final of the whole text, and nothing is ever shown of a withheld one."""
+    full = read_final(text + "<|end|>", tags)
     for i in range(len(text) + 1):
         visible = visible_final_prefix(text[:i], tags)
         assert SECRET not in visible and not any(t.thinking for t in lex(visible, tags)), (text, i, visible)
-        if visible:
-            assert visible.startswith(shown), (text, i, visible, shown)
-            shown = visible
-    if full.status == "withheld":
-        assert full.draft.strip().startswith(shown), (text, shown, full)
-    else:
-        assert full.final.startswith(shown), (text, shown, full)
+        assert visible == "", (text, i, visible)  # no turn end yet: anything may still come
+    assert visible_final_prefix(text + "<|end|>", tags) == full.final
+    assert visible_final_prefix(text, tags, complete=True) == read_final(text, tags).final
 
 
 def test_generated_variants_never_leak_on_extraction_or_stream():
@@ -117,7 +113,7 @@ def test_generated_variants_never_leak_on_extraction_or_stream():
             assert reading.status != "final", (text, reading)
         if n < 150:
             _check_stream(text)
-    assert counts["final"] > 300 and counts["withheld"] > 300, counts  # the property is not met by "" everywhere
+    assert counts["final"] > 50 and counts["withheld"] > 300, counts  # 77 grammatical ones shown: not "" everywhere
 
 
 def test_random_markers_in_random_positions_and_encodings_never_reach_the_final():

@@ -58,9 +58,9 @@ def strip_tags(text: str) -> str:
 def test_final_exact_match_values():
     preds = [GOOD, GOOD + "<|end|>", GOOD.replace("It is 4.", "It  is\n4."), "<final>It is 4.", "It is 4."]
     refs = ["It is 4."] * 4 + ["It is 4."]
-    # the last has no <final>: extract_final gives "" (never the raw text)
-    assert final_exact_match(preds, refs) == {"final_exact_match": 0.8}
-    assert final_exact_match(preds, refs, normalize=False) == {"final_exact_match": 0.6}
+    # the unclosed final is withheld and the last has no <final>: extract_final gives "" (never the raw text)
+    assert final_exact_match(preds, refs) == {"final_exact_match": 0.6}
+    assert final_exact_match(preds, refs, normalize=False) == {"final_exact_match": 0.4}
     assert final_exact_match([GOOD], ["<final> It is 4. </final>"]) == {"final_exact_match": 1.0}
     assert final_exact_match([GOOD], ["it is 4."]) == {"final_exact_match": 0.0}
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
@@ -86,8 +86,9 @@ def test_format_compliance_values():
 
 
 def test_thinking_leak_is_zero_for_extract_final_and_catches_buggy_extractors():
-    # fail closed: unterminated thinking and thinking inside the final withhold the final
-    assert [extract_final(g) for g in ADVERSARIAL] == ["Hello.", "Hi.", "", "", "", "ok"]
+    # the positive grammar: a final inside a section, unterminated thinking, thinking inside the final and an
+    # odd spelling withhold the final
+    assert [extract_final(g) for g in ADVERSARIAL] == ["Hello.", "", "", "", "", ""]
     assert thinking_leak(ADVERSARIAL) == {"thinking_leak_rate": 0.0}
     naive = [naive_regex(g) for g in ADVERSARIAL]
     assert [leaks_thinking(g, f) for g, f in zip(ADVERSARIAL, naive)] == [False, True, False, True, True, False]
@@ -142,7 +143,7 @@ def test_evaluate_modules_load_locally_and_compute():
     assert metrics["format_compliance"].compute(predictions=preds) == {"format_compliance": 1 / 3}
     assert metrics["thinking_leak"].compute(predictions=preds, finals=[naive_regex(p) for p in preds]) == {
         "thinking_leak_rate": 1 / 3}
-    assert compute_thinking_metrics(preds, ["It is 4.", "It is 5.", "Hi."]) == {
+    assert compute_thinking_metrics(preds, ["It is 4.", "It is 5.", ""]) == {  # the third is withheld
         "final_exact_match": 1.0, "format_compliance": 1 / 3, "thinking_leak_rate": 0.0}
     with pytest.raises(ValueError, match="unknown thinking metric 'bleu'"):
         metric_path("bleu")

@@ -5,7 +5,7 @@ survive; a generation is read up to its first turn-end token, `lexer.TURN_END_TO
 `extract_final` reads it; every tag is recognised by the one lexer, disguised tags included):
 - `final_exact_match`: fraction whose `extract_final` equals the reference answer (a reference
   holding a final tag is reduced with `extract_final` too); whitespace runs are collapsed
-  unless `normalize=False`. A withheld final (fail closed: see `format.read_final`) is "".
+  unless `normalize=False`. A withheld final (the positive grammar: see `format.read_final`) is "".
 - `format_compliance`: fraction with no `find_thinking_problems` (every section once, in order,
   then one non-empty final, tags spelled exactly, nothing outside the tags).
 - `thinking_leak`: fraction whose extracted final (by default `extract_final`, or the `finals`
@@ -33,9 +33,8 @@ from so8t_hf.thinking.format import (
     extract_final,
     find_thinking_problems,
     get_tag_preset,
-    read_final,
 )
-from so8t_hf.thinking.lexer import fold, lex
+from so8t_hf.thinking.lexer import find_tags, fold, lex
 from so8t_hf.thinking.lexer import until_turn_end as _until_turn_end
 
 __all__ = [
@@ -84,7 +83,7 @@ def final_exact_match(
     norm = _norm if normalize else (lambda s: s)
     hits = 0
     for pred, ref in zip(predictions, references, strict=True):
-        ref = extract_final(ref, tags) if read_final(ref, tags).status != "no_final" else ref
+        ref = extract_final(ref, tags) if find_tags(ref, tags) else ref  # a plain reference is the answer itself
         hits += norm(extract_final(pred, tags)) == norm(ref.strip())
     return {"final_exact_match": _rate(hits, len(predictions), "predictions")}
 
