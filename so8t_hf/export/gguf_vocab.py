@@ -36,6 +36,9 @@ __all__ = ["GGUFVocab", "add_vocab", "gguf_vocab", "portable_chat_template"]
 logger = logging.getLogger(__name__)
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# a thinking-format tag: always USER_DEFINED (printed as text), also where a 0.1 tokenizer saved it as special,
+# which llama.cpp would hide when printing and the thinking would run into the answer
+_TAG = re.compile(r"</?(?:think(?:-[a-z0-9]+)*|final)>")
 
 
 @dataclass
@@ -191,7 +194,12 @@ def gguf_vocab(tokenizer: Any, n_rows: int, folder: str | Path | None = None) ->
             continue  # `<unk>` stays the unknown token
         tokens[i] = entry["content"].encode("utf-8")
         scores[i] = -1000.0 if kind == "llama" else 0.0
-        types[i] = int(gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED)
+        special = entry.get("special") and not _TAG.fullmatch(entry["content"])
+        types[i] = int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+    tags = [t.decode() for t, k in zip(tokens, types) if k == gguf.TokenType.USER_DEFINED and _TAG.fullmatch(t.decode())]
+    if not tags:
+        logger.warning("the tokenizer holds no thinking tags as tokens (<think-...>, <final>): not a thinking run's "
+                       "tokenizer? llama.cpp will split any tag text into pieces")
     dup = len(tokens) - len(set(tokens))
     if dup:
         logger.warning("GGUF vocabulary: %d duplicate token strings (llama.cpp keeps the first id of each)", dup)

@@ -23,3 +23,13 @@ def test_export_dtype_flag_changes_the_dtype(tiny_run, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
     assert plain.dtype == torch.bfloat16
     assert plain.model.layers[0].self_attn.o_proj.weight.dtype == torch.bfloat16
+
+
+def test_an_output_dir_with_only_its_adapter_is_merged_onto_the_base_it_names(tiny_run, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_run.adapter, tmp_path / "run" / "adapter")  # a QLoRA-style run folder without final/
+    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "plain")]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype="auto").eval()
+    with torch.no_grad():
+        assert (plain(tiny_run.ids).logits - tiny_run.logits).abs().max() <= 1e-5

@@ -62,6 +62,30 @@ def test_phi35_json_vocab_equals_the_sentencepiece_vocab(phi35):
     assert len({js.scores[i] for i in pieces}) == len(pieces)  # no ties the order would have to break
 
 
+def test_tags_saved_as_special_tokens_stay_printable(phi35, tmp_path):
+    """A tokenizer of so8t_hf 0.1 held the tags as special tokens; in GGUF they must stay USER_DEFINED (a CONTROL
+    token is not printed by llama.cpp: the thinking would run into the answer), the role tokens CONTROL."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    _, ids, _, saved, _ = phi35
+    state = json.loads((saved / "tokenizer.json").read_text())
+    for entry in state["added_tokens"]:
+        entry["special"] = entry["special"] or entry["id"] in ids.values()
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        (old / name).write_bytes((saved / name).read_bytes())
+    (old / "tokenizer.json").write_text(json.dumps(state))
+    tok = AutoTokenizer.from_pretrained(old)
+    assert set(ids.values()) <= set(tok.all_special_ids) or all(
+        e["special"] for e in json.loads(tok.backend_tokenizer.to_str())["added_tokens"] if e["id"] in ids.values())
+    vocab = gguf_vocab(tok, ROWS, old)
+    assert all(vocab.types[i] == gguf.TokenType.USER_DEFINED for i in ids.values())
+    assert vocab.types[32007] == gguf.TokenType.CONTROL
+
+
 def test_a_tokenizer_too_long_for_the_model_or_of_another_kind_is_refused(phi35):
     from tiny_models import tiny_tokenizer
 
