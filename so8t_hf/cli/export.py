@@ -130,6 +130,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _write_gguf(args: argparse.Namespace, plain, tokenizer, tokenizer_dir: str) -> int:
     try:
+        import gguf  # noqa: F401  (the writer imports it where it writes)
+
         from so8t_hf.export import write_gguf
     except ImportError as err:
         raise SystemExit(f"so8t-hf export --format gguf needs the gguf package: pip install 'so8t-hf[gguf]' ({err})")
@@ -161,7 +163,7 @@ def add_subparser(subparsers) -> None:
     export.add_argument("--adapter", help="PEFT adapter dir to merge first (LoRA + SO(8) params)")
     export.add_argument("--format", choices=FORMATS, default="hf",
                         help="hf: a transformers folder (default); gguf: one GGUF file (needs so8t-hf[gguf])")
-    export.add_argument("--output", "--out", dest="output", required=True,
+    export.add_argument("--out", "--output", dest="output", metavar="PATH", required=True,
                         help="where to write: a folder (hf) or a FILE.gguf (gguf)")
     export.add_argument("--dtype", default=SAVED, choices=(SAVED, *DTYPE_NAMES),
                         help="hf weights dtype; default 'saved': the dtype the model was saved in (gguf: float32 "

@@ -154,3 +154,11 @@ def test_bad_requests_fail_with_the_reason(tiny_run, tmp_path):
         main(["export", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "x.gguf")])
     with pytest.raises(SystemExit, match="not both"):
         main(["export", str(tiny_run.out), "--model", str(tiny_run.final), "--out", str(tmp_path / "x")])
+
+
+def test_without_the_gguf_package_the_error_names_the_extra(tiny_run, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "gguf" or m.startswith(("gguf.", "so8t_hf.export"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(SystemExit, match=r"pip install 'so8t-hf\[gguf\]'"):
+        main(["export", str(tiny_run.out), "--format", "gguf", "--out", str(tmp_path / "x.gguf")])
