@@ -10,8 +10,9 @@ chat template). `f16`: matrices in float16, norms and rope factors in float32. `
 divide into 32-wide blocks in Q8_0 (`gguf.quants`), the rest as in `f16`. `q4_k_m` needs llama.cpp's
 `llama-quantize`: run on the f16 file when it is on PATH, else the f16 file is kept and the command printed.
 
-Limits: the whole model is held in memory while writing (the f16 copy beside the model). Weights beyond the
-float16 range (|w| > 65504) are refused for f16 rather than written as inf.
+Limits: the merged model is held in memory (fp32 by default: 15 GB for Phi-3.5-mini); the converted tensors
+go to a temporary file, not to memory. Weights beyond the float16 range (|w| > 65504) are refused for f16
+rather than written as inf.
 
 Origin: `Phi3MiniModel` of llama.cpp's `convert_hf_to_gguf.py` (keys, LongRoPE factors and their attention
 factor), written on the `gguf` package (`GGUFWriter`, `TensorNameMap`, `quants`).
@@ -150,7 +151,7 @@ def write_gguf(model: Any, tokenizer: Any, path: str | Path, quant: str = "f16",
     rows = model.get_input_embeddings().num_embeddings
     vocab = gguf_vocab(tokenizer, rows, tokenizer_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3])
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3], use_temp_file=True)  # tensors spill to disk
     writer.add_name(name or path.stem)
     extra = _add_hparams(writer, model.config, ftype)
     add_vocab(writer, vocab)
