@@ -94,3 +94,31 @@ def test_a_tokenizer_too_long_for_the_model_or_of_another_kind_is_refused(phi35)
         gguf_vocab(tok, 32000)
     with pytest.raises(ValueError, match="'WordLevel'.*neither SentencePiece nor a byte-level BPE"):
         gguf_vocab(tiny_tokenizer(), 128)
+
+
+def test_a_phi35_vocabulary_run_exports_the_sentencepiece_vocab_to_the_file(phi35, tmp_path):
+    """A model with Phi-3.5's 32,064 rows and its saved tokenizer, through `so8t-hf export --format gguf`."""
+    from tiny_models import randomize_rotations, tiny_so8t
+
+    from so8t_hf.cli import main
+
+    tok, ids, reloaded, saved, _ = phi35
+    model = tiny_so8t(seed=2, vocab_size=ROWS, bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
+    randomize_rotations(model)
+    model.save_pretrained(tmp_path / "final")
+    reloaded.save_pretrained(tmp_path / "final")
+    out = tmp_path / "phi35-f16.gguf"
+    assert main(["export", "--model", str(tmp_path / "final"), "--format", "gguf", "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(out)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    expect = gguf_vocab(reloaded, ROWS, saved)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama" and len(tokens) == ROWS
+    assert [t.encode() for t in tokens] == expect.tokens and types == expect.types and scores == expect.scores
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == 32007
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == 32000
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
+    assert all(tokens[i] == tag and types[i] == gguf.TokenType.USER_DEFINED for tag, i in ids.items())
+    tensors = {t.name: t for t in reader.tensors}
+    assert list(tensors["token_embd.weight"].shape) == [64, ROWS] and "rope_factors_long.weight" not in tensors
