@@ -10,6 +10,12 @@ chat template). `f16`: matrices in float16, norms and rope factors in float32. `
 divide into 32-wide blocks in Q8_0 (`gguf.quants`), the rest as in `f16`. `q4_k_m` needs llama.cpp's
 `llama-quantize`: run on the f16 file when it is on PATH, else the f16 file is kept and the command printed.
 
+`general.name` always names Phi-3: llama.cpp gives a Phi-3 model's added tokens their right-strip (HF's role
+tokens have `rstrip=True`: `<|user|>\n` is one token) only by that name; it strips after the thinking tags too,
+which HF does not, so only a prompt that holds tag text followed by whitespace tokenizes differently. LongRoPE:
+llama.cpp takes the long factors for every position once its context (`-c`) exceeds the original context
+(Phi-3.5: 4096), HF once the sequence does; run with `-c 4096` or less to match HF on short prompts.
+
 Limits: the merged model is held in memory (fp32 by default: 15 GB for Phi-3.5-mini); the converted tensors
 go to a temporary file, not to memory. Weights beyond the float16 range (|w| > 65504) are refused for f16
 rather than written as inf.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -152,7 +159,10 @@ def write_gguf(model: Any, tokenizer: Any, path: str | Path, quant: str = "f16",
     vocab = gguf_vocab(tokenizer, rows, tokenizer_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.PHI3], use_temp_file=True)  # tensors spill to disk
-    writer.add_name(name or path.stem)
+    name = name or final_path.stem
+    if not re.search(r"phi-?3", name.lower()):  # llama.cpp gives Phi-3's role tokens their right-strip by this name
+        name = f"{name} (Phi-3)"
+    writer.add_name(name)
     extra = _add_hparams(writer, model.config, ftype)
     add_vocab(writer, vocab)
     tensors = _tensors(model)

@@ -45,6 +45,7 @@ def f16_file(tiny_run, tmp_path_factory):
 def test_architecture_and_rope_scaling_keys(f16_file, tiny_run, plain_fp32):
     config = plain_fp32.config
     assert field(f16_file, "general.architecture") == "phi3"
+    assert "phi-3" in field(f16_file, "general.name").lower()  # llama.cpp's rule for the role tokens' right-strip
     assert field(f16_file, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16
     expect = {"context_length": 256, "rope.scaling.original_context_length": 64, "embedding_length": 64,
               "feed_forward_length": 128, "block_count": 2, "attention.head_count": 4, "attention.head_count_kv": 2,
