@@ -101,3 +101,16 @@ def test_q4_k_m_through_llama_quantize_loads(tiny_run, tmp_path, prompt):
     assert model.tokenize(prompt[0].encode(), add_bos=False, special=True) == prompt[1]
     model.eval(prompt[1])
     assert np.isfinite(np.asarray(model.scores[: len(prompt[1])])).all()
+
+
+def test_chat_through_the_embedded_template_streams_the_final_only(engine):
+    """llama-cpp-python renders the file's chat template (Jinja2, no `{% generation %}`) for a chat."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    assert engine.chat_format == "chat_template.default" and "endgeneration" not in engine.metadata["tokenizer.chat_template"]
+    engine.reset()
+    raw = engine.create_chat_completion(messages, max_tokens=16, temperature=0.0)["choices"][0]["message"]["content"]
+    engine.reset()
+    chunks = list(FinalOnlyLlama(engine).create_chat_completion(messages, max_tokens=16, temperature=0.0, stream=True))
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert chunks[-1]["choices"][0]["outcome"] == read_final(raw).status
+    assert streamed == read_final(raw).final or read_final(raw).status == "withheld"
