@@ -97,6 +97,11 @@ def test_final_only_wrapper_on_the_engine(engine, prompt):
 def test_q4_k_m_through_llama_quantize_loads(tiny_run, tmp_path, prompt):
     out = tmp_path / "tiny-q4_k_m.gguf"
     assert main(["export", str(tiny_run.out), "--format", "gguf", "--quant", "q4_k_m", "--out", str(out)]) == 0
+    import gguf
+
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert not (tmp_path / "tiny-q4_k_m-f16.gguf").exists()
     model = load(out)
     assert model.tokenize(prompt[0].encode(), add_bos=False, special=True) == prompt[1]
     model.eval(prompt[1])
