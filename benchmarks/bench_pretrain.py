@@ -84,22 +84,27 @@ def main(argv=None) -> None:
     p.add_argument("--convergence_steps", type=int, default=300)
     p.add_argument("--layers", type=int, nargs="*", default=[24, 25, 26, 27, 28, 30, 32])
     p.add_argument("--budget_s", type=float, default=290, help="wall-clock budget of the whole benchmark")
-    p.add_argument("--skip", nargs="*", default=[], help="timed runs to leave out (so8t_hf_b4x4, ...)")
+    p.add_argument("--skip", nargs="*", default=[], help="runs to leave out (so8t_hf_b4x4, convergence, ...)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the harness, measures nothing")
+    p.add_argument("--compose", action="store_true", help="only write the results files from --out/runs")
+    p.add_argument("--convergence_json", help="the convergence result of a separate run (e.g. on the CPU)")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
+    a.command = "python benchmarks/bench_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:])
     tiny = ["--hidden_size", "64", "--num_attention_heads", "4", "--num_key_value_heads", "4", "--intermediate_size",
             "128", "--max_length", "64", "--dtype", "float32", "--optim", "adamw_torch", "--bf16", "false",
             "--use_liger_kernel", "false", "--num_hidden_layers", "2", "--gradient_accumulation_steps", "1",
             "--activation_checkpointing", "false"] if a.smoke else []
     start = time.time()
+    if a.compose:  # only write the results files, from the run JSONs already in --out/runs (+ --convergence_json)
+        return compose(a, start)
     left = lambda: a.budget_s - (time.time() - start)  # noqa: E731
     cap = ["--cap_gib", str(a.cap_gib)]
     steps = ["--steps", str(a.steps)]
-    timed = [("so8t_hf", ["--system", "so8t_hf", *cap, *steps], 0.27),
+    timed = [("so8t_hf", ["--system", "so8t_hf", *cap, *steps], 0.36),
              ("so8t_hf_b4x4", ["--system", "so8t_hf", *cap, *steps, "--flags", "--per_device_train_batch_size", "4",
-                               "--gradient_accumulation_steps", "4"], 0.22),
-             ("hf_trainer_uncapped", ["--system", "hf_trainer", *steps], 0.25)]
+                               "--gradient_accumulation_steps", "4"], 0.25),
+             ("hf_trainer_uncapped", ["--system", "hf_trainer", *steps], 0.32)]
     flags = lambda args: args + ([] if "--flags" in args else ["--flags"]) + tiny if tiny else args  # noqa: E731
     timed = [t for t in timed if t[0] not in a.skip]
     # the capped baseline runs out of memory at its first backward (fp32 weights + gradients alone are 11.3 GiB): it
@@ -107,19 +112,25 @@ def main(argv=None) -> None:
     oom_check = launch("hf_trainer_capped", flags(["--system", "hf_trainer", *cap, "--steps", "2", "--warmup", "0"]),
                        a, 0.3 * a.budget_s)
     for name, args, share in timed:
-        wait([launch(name, flags(args), a, min(share * a.budget_s, left() - 60))])
+        wait([launch(name, flags(args), a, min(share * a.budget_s, left() - 30))])
     wait([oom_check])  # long done
     conv = ["--conv_hidden", "64", "--conv_layers", "2"] if a.smoke else []
-    side = [launch("size", flags(["--system", "size", *cap, "--layers", *map(str, a.layers)]), a, left()),
-            launch("convergence", ["--system", "convergence", "--steps", str(a.convergence_steps), *conv], a, left())]
-    wait(side)
+    side = [("size", flags(["--system", "size", *cap, "--layers", *map(str, a.layers)])),
+            ("convergence", ["--system", "convergence", "--steps", str(a.convergence_steps), *conv])]
+    wait([launch(name, args, a, left()) for name, args in side if name not in a.skip])
+    compose(a, start)
+
+
+def compose(a, start: float) -> None:
     r = {name: {"ok": False, "error": "not run (--skip)"} if name in a.skip else load(a, name) for name in ("so8t_hf", "so8t_hf_b4x4", "hf_trainer_uncapped", "hf_trainer_capped",
                                           "size", "convergence")}
+    if a.convergence_json:
+        r["convergence"] = json.loads(Path(a.convergence_json).read_text())
     pick = lambda d, *keys: {k: d.get(k) for k in keys}  # noqa: E731
     keys = ("ok", "params", "peak_gib", "peak_reserved_gib", "tokens_per_s", "mfu", "mfu_non_embedding", "tokens_per_step", "oom", "error")
     result = {
         "device": device(), "versions": versions(), "cap_gib": a.cap_gib,
-        "command": "python benchmarks/bench_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": a.command,
         "config": "recipes/configs/pretrain_1p5b.yaml (bf16 weights, adamw_bnb_8bit, activation checkpointing, Liger, "
                   "so8t attention, packed 1024-token blocks, batch 1 x accumulation 16)",
         "params": r["so8t_hf"].get("params"), "peak_gib": r["so8t_hf"].get("peak_gib"),
@@ -136,6 +147,11 @@ def main(argv=None) -> None:
         "wall_s": time.time() - start,
     }
     out = Path(a.out)
+    earlier = out / "pretrain_h100.json"
+    if a.compose and earlier.is_file():  # composed elsewhere: the device, versions and command of the runs
+        runs = json.loads(earlier.read_text())
+        result.update({k: runs[k] for k in ("device", "versions", "command", "wall_s", "cap_gib")})
+        result["composed_with"] = a.command
     (out / "pretrain_h100.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "pretrain_h100.md").write_text(markdown(result) + "\n")
     print(markdown(result))

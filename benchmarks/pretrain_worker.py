@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import logging
 import statistics
@@ -168,13 +169,14 @@ def run_convergence(a) -> dict:
              if ".venv" not in p.parts and "outputs" not in p.parts]
     results, blocks = {}, None
     for name, (dtype, optim, fast) in VARIANTS.items():
-        if optim.endswith("8bit") and not torch.cuda.is_available():
+        if optim.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
+            logger.warning("convergence %s: bitsandbytes is not installed: skipped", name)
             continue
         model_args, _, args = make_parser().parse_args_and_config(
             ["--config", str(CONFIG), "--tokenizer_name_or_path", a.tokenizer, "--output_dir", a.tmp, "--dataset_path",
              "x", "--hidden_size", str(a.conv_hidden), "--num_hidden_layers", str(a.conv_layers),
              "--num_attention_heads", "8", "--num_key_value_heads", "8", "--intermediate_size", str(3 * a.conv_hidden), "--dtype", dtype, "--optim", optim,
-             "--max_length", "256", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+             "--max_length", str(a.conv_seq), "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
              "--max_steps", str(a.steps), "--warmup_steps", "30", "--learning_rate", "1e-3", "--eval_strategy",
              "steps", "--eval_steps", str(a.steps // 4), "--save_strategy", "no", "--logging_steps", "10",
              "--activation_checkpointing", str(fast).lower(), "--use_liger_kernel", str(fast).lower(),
@@ -184,7 +186,7 @@ def run_convergence(a) -> dict:
         tokenizer = build_tokenizer(model_args)
         prepare_training_args(args, False, True)
         if blocks is None:  # the same blocks, split and order for every variant
-            blocks = pack_documents(Dataset.from_dict({"text": texts}), tokenizer, 256)
+            blocks = pack_documents(Dataset.from_dict({"text": texts}), tokenizer, a.conv_seq)
         train, evaluation = split_eval(blocks, 64, 0)
         model = build_model(model_args, tokenizer)
         trainer = PretrainTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
@@ -194,7 +196,7 @@ def run_convergence(a) -> dict:
         results[name] = dict(dtype=dtype, optim=optim, checkpointing_liger=fast,
                              eval_loss=[e["eval_loss"] for e in log if "eval_loss" in e],
                              train_loss=[e["loss"] for e in log if "loss" in e],
-                             train_tokens=len(train) * 256, params=sum(p.numel() for p in model.parameters()))
+                             train_tokens=sum(len(ids) for ids in train["input_ids"]), params=sum(p.numel() for p in model.parameters()))
         logger.info("convergence %s: eval %s", name, results[name]["eval_loss"])
         partial(a, dict(system="convergence", partial=True, steps=a.steps, variants=results))
         del trainer, model
@@ -202,8 +204,10 @@ def run_convergence(a) -> dict:
     ref = results.get("fp32_adamw", {}).get("eval_loss")
     for r in results.values():
         r["final_eval_loss_vs_fp32"] = r["eval_loss"][-1] - ref[-1] if ref else None
-    return dict(model=f"SO8T-Phi3 d{a.conv_hidden} x {a.conv_layers} layers, vocab {model_args.vocab_size or 'tokenizer'}", steps=a.steps, tokens_per_step=8 * 256,
-                data="this repository's .py and .md files, packed 256-token blocks, 64 held out", variants=results)
+    return dict(model=f"SO8T-Phi3 d{a.conv_hidden} x {a.conv_layers} layers, tokenizer {a.tokenizer}",
+                device="cuda" if torch.cuda.is_available() else "cpu", steps=a.steps, tokens_per_step=8 * a.conv_seq,
+                data=f"this repository's .py and .md files, packed {a.conv_seq}-token blocks, 64 held out, same order",
+                lr="1e-3, 30 warm-up steps, cosine", variants=results)
 
 
 def main(argv=None) -> None:
@@ -216,6 +220,7 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, nargs="*", default=[24, 28, 32, 36, 40])
     p.add_argument("--conv_hidden", type=int, default=512)
     p.add_argument("--conv_layers", type=int, default=6)
+    p.add_argument("--conv_seq", type=int, default=256)
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="recipe flags (last)")
     p.add_argument("--tmp", default="/tmp/pretrain_bench")
     p.add_argument("--out", required=True)
