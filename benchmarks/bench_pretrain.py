@@ -88,6 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the harness, measures nothing")
     p.add_argument("--compose", action="store_true", help="only write the results files from --out/runs")
     p.add_argument("--convergence_json", help="the convergence result of a separate run (e.g. on the CPU)")
+    p.add_argument("--note", action="append", default=[], help="with --compose: a note for the results files")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     a.command = "python benchmarks/bench_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -152,6 +153,7 @@ def compose(a, start: float) -> None:
         runs = json.loads(earlier.read_text())
         result.update({k: runs[k] for k in ("device", "versions", "command", "wall_s", "cap_gib")})
         result["composed_with"] = a.command
+    result["notes"] = a.note
     (out / "pretrain_h100.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "pretrain_h100.md").write_text(markdown(result) + "\n")
     print(markdown(result))
@@ -168,17 +170,18 @@ def markdown(res: dict) -> str:
     lines = [f"# Pre-training from scratch, 1.5B SO8T-Phi3 ({res['device']})", "",
              f"Command: `{res['command']}`  ", f"Versions: {res['versions']}  ", f"Memory cap: {res['cap_gib']} GiB "
              "(`torch.cuda.set_per_process_memory_fraction`). MFU: " + res["mfu_definition"] + ".", "",
+             *[f"- {note}" for note in res.get("notes") or []], *([""] if res.get("notes") else []),
              "| run | params | peak GiB (reserved) | tokens/s | MFU | MFU (non-emb.) | result |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows:
         status = "ok" if r.get("ok") else ("out of memory" if r.get("oom") else f"failed: {r.get('error')}")
-        lines.append(f"| {name} | {_fmt((r.get('params') or 0) / 1e9, '.3f')}B | {_fmt(r.get('peak_gib'))} "
+        lines.append(f"| {name} | {_fmt(r['params'] / 1e9 if r.get('params') else None, '.3f')}B | {_fmt(r.get('peak_gib'))} "
                      f"({_fmt(r.get('peak_reserved_gib'))}) | {_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('mfu'), '.1%')} | "
                      f"{_fmt(r.get('mfu_non_embedding'), '.1%')} | {status} |")
     lines += ["", f"Largest trainable under the cap (d 2048, growing depth): **{res['max_trainable_params_10gib']}** "
               "parameters.", "", "| layers | params | peak GiB | fits |", "| --- | --- | --- | --- |"]
     for t in res.get("size_search") or []:
-        lines.append(f"| {t['layers']} | {_fmt((t.get('params') or 0) / 1e9, '.3f')}B | {_fmt(t.get('peak_gib'))} | "
+        lines.append(f"| {t['layers']} | {_fmt(t['params'] / 1e9 if t.get('params') else None, '.3f')}B | {_fmt(t.get('peak_gib'))} | "
                      f"{'yes' if t['fits'] else 'no (' + ('OOM' if t.get('oom') else t.get('error', '')[:80]) + ')'} |")
     conv = res.get("convergence") or {}
     lines += ["", f"Convergence ({conv.get('model')}, {conv.get('steps')} steps x {conv.get('tokens_per_step')} tokens, "

@@ -181,13 +181,13 @@ def run_convergence(a) -> dict:
              "steps", "--eval_steps", str(a.steps // 4), "--save_strategy", "no", "--logging_steps", "10",
              "--activation_checkpointing", str(fast).lower(), "--use_liger_kernel", str(fast).lower(),
              "--disable_tqdm", "true", "--log_line", "false", "--bf16", str(torch.cuda.is_available()).lower(),
-             "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8"])
+             "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8", *a.flags])
         torch.manual_seed(0)
         tokenizer = build_tokenizer(model_args)
         prepare_training_args(args, False, True)
         if blocks is None:  # the same blocks, split and order for every variant
             blocks = pack_documents(Dataset.from_dict({"text": texts}), tokenizer, a.conv_seq)
-        train, evaluation = split_eval(blocks, 64, 0)
+        train, evaluation = split_eval(blocks, a.conv_eval_blocks, 0)
         model = build_model(model_args, tokenizer)
         trainer = PretrainTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                   processing_class=tokenizer)
@@ -206,7 +206,7 @@ def run_convergence(a) -> dict:
         r["final_eval_loss_vs_fp32"] = r["eval_loss"][-1] - ref[-1] if ref else None
     return dict(model=f"SO8T-Phi3 d{a.conv_hidden} x {a.conv_layers} layers, tokenizer {a.tokenizer}",
                 device="cuda" if torch.cuda.is_available() else "cpu", steps=a.steps, tokens_per_step=8 * a.conv_seq,
-                data=f"this repository's .py and .md files, packed {a.conv_seq}-token blocks, 64 held out, same order",
+                data=f"this repository's .py and .md files, packed {a.conv_seq}-token blocks, {a.conv_eval_blocks} held out, same order",
                 lr="1e-3, 30 warm-up steps, cosine", variants=results)
 
 
@@ -221,6 +221,7 @@ def main(argv=None) -> None:
     p.add_argument("--conv_hidden", type=int, default=512)
     p.add_argument("--conv_layers", type=int, default=6)
     p.add_argument("--conv_seq", type=int, default=256)
+    p.add_argument("--conv_eval_blocks", type=int, default=64)
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="recipe flags (last)")
     p.add_argument("--tmp", default="/tmp/pretrain_bench")
     p.add_argument("--out", required=True)

@@ -128,3 +128,21 @@ def test_bad_rows_and_sources_name_file_line_and_field(tmp_path):
         PretrainDataConfig(dataset_path=[str(bad)], streaming=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_documents(PretrainDataConfig(dataset_path=[str(tmp_path / "missing.jsonl")]))
+
+
+@pytest.mark.parametrize("name, params, length", [("pretrain_1p5b.yaml", 1.516e9, 1024), ("pretrain_1b.yaml", 0.995e9, 512)])
+def test_shipped_configs_parse_to_the_sizes_they_name(name, params, length):
+    from paths import REPO
+
+    from so8t_hf.pretrain import make_parser
+
+    argv = ["--config", str(REPO / "recipes" / "configs" / name), "--use_cpu", "true"]  # bf16 is checked against the GPU
+    model, data, args = make_parser().parse_args_and_config(argv)
+    assert (model.hidden_size // model.num_attention_heads) % 8 == 0
+    n = estimate_params(model.hidden_size, model.num_hidden_layers, model.num_attention_heads,
+                        model.num_key_value_heads, model.intermediate_size, 32064)
+    assert n == pytest.approx(params, rel=1e-3)
+    assert args.max_length == length and args.per_device_train_batch_size == 1
+    assert args.gradient_accumulation_steps == 16 and args.learning_rate == 3e-4 and args.warmup_steps == 2000
+    assert args.num_train_epochs == 10 and args.save_steps == 2000 and args.optim == "adamw_bnb_8bit"
+    assert args.bf16 and args.activation_checkpointing and model.dtype == "bfloat16"
