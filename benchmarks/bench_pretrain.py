@@ -171,21 +171,22 @@ def markdown(res: dict) -> str:
              f"Command: `{res['command']}`  ", f"Versions: {res['versions']}  ", f"Memory cap: {res['cap_gib']} GiB "
              "(`torch.cuda.set_per_process_memory_fraction`). MFU: " + res["mfu_definition"] + ".", "",
              *[f"- {note}" for note in res.get("notes") or []], *([""] if res.get("notes") else []),
-             "| run | params | peak GiB (reserved) | tokens/s | MFU | MFU (non-emb.) | result |",
+             "| run | params (B) | peak GiB (reserved) | tokens/s | MFU | MFU (non-emb.) | result |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows:
         status = "ok" if r.get("ok") else ("out of memory" if r.get("oom") else f"failed: {r.get('error')}")
-        lines.append(f"| {name} | {_fmt(r['params'] / 1e9 if r.get('params') else None, '.3f')}B | {_fmt(r.get('peak_gib'))} "
+        lines.append(f"| {name} | {_fmt(r['params'] / 1e9 if r.get('params') else None, '.3f')} | {_fmt(r.get('peak_gib'))} "
                      f"({_fmt(r.get('peak_reserved_gib'))}) | {_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('mfu'), '.1%')} | "
                      f"{_fmt(r.get('mfu_non_embedding'), '.1%')} | {status} |")
     lines += ["", f"Largest trainable under the cap (d 2048, growing depth): **{res['max_trainable_params_10gib']}** "
-              "parameters.", "", "| layers | params | peak GiB | fits |", "| --- | --- | --- | --- |"]
+              "parameters.", "", "| layers | params (B) | peak GiB | fits |", "| --- | --- | --- | --- |"]
     for t in res.get("size_search") or []:
-        lines.append(f"| {t['layers']} | {_fmt(t['params'] / 1e9 if t.get('params') else None, '.3f')}B | {_fmt(t.get('peak_gib'))} | "
+        lines.append(f"| {t['layers']} | {_fmt(t['params'] / 1e9 if t.get('params') else None, '.3f')} | {_fmt(t.get('peak_gib'))} | "
                      f"{'yes' if t['fits'] else 'no (' + ('OOM' if t.get('oom') else t.get('error', '')[:80]) + ')'} |")
     conv = res.get("convergence") or {}
     lines += ["", f"Convergence ({conv.get('model')}, {conv.get('steps')} steps x {conv.get('tokens_per_step')} tokens, "
               f"{conv.get('data')}): eval loss at each quarter, and the final gap to fp32 AdamW.", "",
+              *[f"{k.capitalize()}: {conv[k]}" + "  " for k in ("command", "note", "lr") if conv.get(k)], "",
               "| variant | eval loss (25/50/75/100%) | final - fp32 |", "| --- | --- | --- |"]
     for name, v in (conv.get("variants") or {}).items():
         lines.append(f"| {name} | {' / '.join(f'{x:.4f}' for x in v['eval_loss'])} | "
