@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from so8t_hf.cli import chat, env, export, push, train
+from so8t_hf.cli import chat, env, export, pretrain, push, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from so8t_hf.serve.cli import add_serve_subparser
 
     for add in (env.add_subparser, train.add_subparser, chat.add_subparser, add_serve_subparser, export.add_subparser,
-                push.add_subparser):
+                push.add_subparser, pretrain.add_subparser):
         add(sub)
     return parser
 
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv and argv[0] == train.NAME:  # the recipe's own parser takes every flag after `train`
         return train.run(argv[1:])
+    if argv and argv[0] == pretrain.NAME:  # likewise the pre-training recipe's parser after `pretrain`
+        return pretrain.run(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args) or 0
 

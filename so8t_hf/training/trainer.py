@@ -163,10 +163,13 @@ class SO8TTrainer(SFTTrainer):
         learning = model.training and torch.is_grad_enabled()
         if learning and not loss.requires_grad and any(p.requires_grad for p in model.parameters()):
             loss = self._recover_loss(model, inputs, hidden, num_items_in_batch)
+        # under gradient accumulation a micro-step's loss is its share of the window's (sum / window tokens): times
+        # the window's micro-steps, the mean over the logged micro-steps is the window's mean NLL, as `loss` is
+        share = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
         if learning and sync_free:
-            self._pending.append(torch.cat([loss.detach().float().reshape(1), self._step_stats]))  # stays on the GPU
+            self._pending.append(torch.cat([loss.detach().float().reshape(1) * share, self._step_stats]))  # on the GPU
         elif learning:  # the mean over processes, like the logged loss (each rank's share is scaled to the global mean)
-            self._metrics["train"]["nll"].append(self.accelerator.gather(loss.detach()).float().mean().item())
+            self._metrics["train"]["nll"].append(self.accelerator.gather(loss.detach()).float().mean().item() * share)
         if learning and self.args.pet_lambda > 0 and hidden is not None:
             loss = loss + self._pet_term(inputs, hidden, num_items_in_batch)
         if len(self._pending) >= 256:  # logging off or rare: read them in bulk before they pile up

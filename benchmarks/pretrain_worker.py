@@ -1,0 +1,254 @@
+"""One run of the pre-training benchmark (`bench_pretrain.py` starts one process per run, so each peak is its own).
+
+Systems:
+- `so8t_hf`: the 1.5B recipe (`recipes/configs/pretrain_1p5b.yaml` through `so8t_hf.pretrain`'s builders and
+  `PretrainTrainer`): bf16 weights, bitsandbytes 8-bit AdamW, activation checkpointing, Liger, so8t attention, packed
+  blocks with per-document positions.
+- `hf_trainer`: the same shape as a stock `transformers.Phi3ForCausalLM`, plain `transformers.Trainer`, sdpa, fp32
+  weights under bf16 autocast, fused fp32 AdamW, activation checkpointing, dense 1024-token blocks.
+- `size`: the so8t_hf recipe at growing depth (d 2048) under the cap, two optimizer steps each, until one runs out
+  of memory: the largest that ran is `max_trainable_params`.
+- `convergence`: one small model (same init, data, order, steps) trained with each memory choice; eval loss vs fp32.
+
+Writes one JSON (`--out`). Timed steps: `StepTimer` (a CUDA sync closes each optimizer step), after `--warmup` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+logger = logging.getLogger("pretrain_worker")
+CONFIG = REPO / "recipes" / "configs" / "pretrain_1p5b.yaml"
+
+
+def parse_recipe(tokenizer: str, out_dir: str, flags: list[str]):
+    from so8t_hf.pretrain import make_parser
+
+    from so8t_hf.pretrain.config import PretrainDataConfig
+
+    model_args, _, args = make_parser().parse_args_and_config(
+        ["--config", str(CONFIG), "--tokenizer_name_or_path", tokenizer, "--output_dir", out_dir, "--eval_blocks", "0",
+         "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
+         "--dataloader_num_workers", "0", "--log_line", "false", *flags])
+    return model_args, PretrainDataConfig(dummy_documents=6000), args  # the yaml's data: dummy documents here
+
+
+def so8t_trainer(a, flags: list[str], layers: int | None = None):
+    from so8t_hf.pretrain.pipeline import PretrainTrainer, build_data, build_model, build_tokenizer, prepare_training_args
+
+    model_args, data_args, args = parse_recipe(a.tokenizer, a.tmp, flags)
+    if layers:
+        model_args.num_hidden_layers = layers
+    tokenizer = build_tokenizer(model_args)
+    block = prepare_training_args(args, False, False)
+    train, _ = build_data(data_args, tokenizer, block, args.seed)
+    model = build_model(model_args, tokenizer)
+    return PretrainTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer), block
+
+
+def hf_trainer(a, flags: list[str]):
+    from transformers import Phi3Config, Phi3ForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+    from so8t_hf.pretrain.callbacks import StepTimer
+    from so8t_hf.pretrain.pipeline import build_data, build_tokenizer, model_config, prepare_training_args
+
+    model_args, data_args, args = parse_recipe(a.tokenizer, a.tmp, flags)
+    tokenizer = build_tokenizer(model_args)
+    block = prepare_training_args(args, False, False)
+    train, _ = build_data(data_args, tokenizer, block, args.seed)
+    train = train.filter(lambda row: len(row["input_ids"]) == block).select_columns(["input_ids", "labels"])
+    train = train.map(lambda row: {"attention_mask": [1] * len(row["input_ids"])})
+    shape = model_config(model_args, tokenizer).to_dict()
+    for key in ("so8t_layers", "so8t_attn_backend", "model_type", "auto_map", "architectures"):
+        shape.pop(key, None)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Phi3ForCausalLM(Phi3Config(**shape, attn_implementation="sdpa"))  # fp32 weights
+    targs = TrainingArguments(
+        output_dir=a.tmp, per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=args.max_steps,
+        learning_rate=args.learning_rate, warmup_steps=10, weight_decay=0.1, bf16=torch.cuda.is_available(),
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch", gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, use_cpu=not torch.cuda.is_available())
+    timer = StepTimer()
+    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator,
+                      callbacks=[timer])
+    trainer.step_timer = timer
+    return trainer, block
+
+
+def timed_train(trainer, block: int, warmup: int) -> dict:
+    args = trainer.args
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    times = trainer.step_timer.times or []
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    step_times = [e["step_time"] for e in trainer.state.log_history if "step_time" in e] or times
+    timed = step_times[warmup:] or step_times
+    tokens = args.per_device_train_batch_size * args.gradient_accumulation_steps * block
+    n = sum(p.numel() for p in trainer.model.parameters())
+    tps = tokens / statistics.mean(timed)
+    return dict(params=n, tokens_per_step=tokens, step_times=step_times, losses=losses, tokens_per_s=tps,
+                wall_s=wall, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+                mfu=6 * n * tps / peak_flops() if torch.cuda.is_available() else None,
+                mfu_non_embedding=6 * (n - trainer.model.get_input_embeddings().weight.numel()) * tps / peak_flops()
+                if torch.cuda.is_available() else None)
+
+
+def peak_flops() -> float:
+    """Dense bf16 peak of the GPU (H100 / H200 SXM 989 TFLOP/s; H100 PCIe 756)."""
+    name = torch.cuda.get_device_name(0)
+    return 756e12 if "PCIe" in name else 989e12
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def partial(a, result: dict) -> None:
+    """Write what is done so far: a run stopped at its time limit still reports it."""
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_size(a) -> dict:
+    trials = []
+    for layers in a.layers:
+        trainer = None
+        try:
+            trainer, block = so8t_trainer(a, ["--max_steps", "2", "--gradient_accumulation_steps", "2", *a.flags],
+                                          layers=layers)
+            result = timed_train(trainer, block, 0)
+            trials.append(dict(layers=layers, params=result["params"], peak_gib=result["peak_gib"],
+                               peak_reserved_gib=result["peak_reserved_gib"], fits=True))
+        except Exception as err:  # noqa: BLE001 - OOM ends the search; anything else is reported
+            trials.append(dict(layers=layers, fits=False, oom=is_oom(err), error=str(err)[:300]))
+        logger.info("size trial: %s", trials[-1])
+        partial(a, dict(system="size", partial=True, trials=trials))
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if not trials[-1]["fits"]:
+            break
+    fits = [t for t in trials if t["fits"]]
+    return dict(trials=trials, max_trainable_params=max((t["params"] for t in fits), default=None),
+                max_trainable_layers=max((t["layers"] for t in fits), default=None))
+
+
+VARIANTS = {  # name: (weights dtype, optim, checkpointing + Liger)
+    "fp32_adamw": ("float32", "adamw_torch", False),
+    "bf16_weights_fp32_adamw": ("bfloat16", "adamw_torch", False),
+    "fp32_weights_adamw_8bit": ("float32", "adamw_bnb_8bit", False),
+    "bf16_weights_adamw_8bit": ("bfloat16", "adamw_bnb_8bit", False),
+    "recipe_bf16_8bit_checkpointing_liger": ("bfloat16", "adamw_bnb_8bit", True),
+}
+
+
+def run_convergence(a) -> dict:
+    from so8t_hf.pretrain import make_parser
+    from so8t_hf.pretrain.pipeline import PretrainTrainer, build_model, build_tokenizer, prepare_training_args
+    from so8t_hf.pretrain.data import pack_documents, split_eval
+    from datasets import Dataset
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(REPO.glob("**/*.py")) + sorted(REPO.glob("**/*.md"))
+             if ".venv" not in p.parts and "outputs" not in p.parts]
+    results, blocks = {}, None
+    for name, (dtype, optim, fast) in VARIANTS.items():
+        if optim.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
+            logger.warning("convergence %s: bitsandbytes is not installed: skipped", name)
+            continue
+        model_args, _, args = make_parser().parse_args_and_config(
+            ["--config", str(CONFIG), "--tokenizer_name_or_path", a.tokenizer, "--output_dir", a.tmp, "--dataset_path",
+             "x", "--hidden_size", str(a.conv_hidden), "--num_hidden_layers", str(a.conv_layers),
+             "--num_attention_heads", "8", "--num_key_value_heads", "8", "--intermediate_size", str(3 * a.conv_hidden), "--dtype", dtype, "--optim", optim,
+             "--max_length", str(a.conv_seq), "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+             "--max_steps", str(a.steps), "--warmup_steps", "30", "--learning_rate", "1e-3", "--eval_strategy",
+             "steps", "--eval_steps", str(a.steps // 4), "--save_strategy", "no", "--logging_steps", "10",
+             "--activation_checkpointing", str(fast).lower(), "--use_liger_kernel", str(fast).lower(),
+             "--disable_tqdm", "true", "--log_line", "false", "--bf16", str(torch.cuda.is_available()).lower(),
+             "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8", *a.flags])
+        torch.manual_seed(0)
+        tokenizer = build_tokenizer(model_args)
+        prepare_training_args(args, False, True)
+        if blocks is None:  # the same blocks, split and order for every variant
+            blocks = pack_documents(Dataset.from_dict({"text": texts}), tokenizer, a.conv_seq)
+        train, evaluation = split_eval(blocks, a.conv_eval_blocks, 0)
+        model = build_model(model_args, tokenizer)
+        trainer = PretrainTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                                  processing_class=tokenizer)
+        trainer.train()
+        log = trainer.state.log_history
+        results[name] = dict(dtype=dtype, optim=optim, checkpointing_liger=fast,
+                             eval_loss=[e["eval_loss"] for e in log if "eval_loss" in e],
+                             train_loss=[e["loss"] for e in log if "loss" in e],
+                             train_tokens=sum(len(ids) for ids in train["input_ids"]), params=sum(p.numel() for p in model.parameters()))
+        logger.info("convergence %s: eval %s", name, results[name]["eval_loss"])
+        partial(a, dict(system="convergence", partial=True, steps=a.steps, variants=results))
+        del trainer, model
+        gc.collect()
+    ref = results.get("fp32_adamw", {}).get("eval_loss")
+    for r in results.values():
+        r["final_eval_loss_vs_fp32"] = r["eval_loss"][-1] - ref[-1] if ref else None
+    return dict(model=f"SO8T-Phi3 d{a.conv_hidden} x {a.conv_layers} layers, tokenizer {a.tokenizer}",
+                device="cuda" if torch.cuda.is_available() else "cpu", steps=a.steps, tokens_per_step=8 * a.conv_seq,
+                data=f"this repository's .py and .md files, packed {a.conv_seq}-token blocks, {a.conv_eval_blocks} held out, same order",
+                lr="1e-3, 30 warm-up steps, cosine", variants=results)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--system", required=True, choices=["so8t_hf", "hf_trainer", "size", "convergence"])
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--cap_gib", type=float, default=None)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--layers", type=int, nargs="*", default=[24, 28, 32, 36, 40])
+    p.add_argument("--conv_hidden", type=int, default=512)
+    p.add_argument("--conv_layers", type=int, default=6)
+    p.add_argument("--conv_seq", type=int, default=256)
+    p.add_argument("--conv_eval_blocks", type=int, default=64)
+    p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="recipe flags (last)")
+    p.add_argument("--tmp", default="/tmp/pretrain_bench")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from so8t_hf.pretrain.pipeline import cap_gpu_memory
+
+    cap_gpu_memory(a.cap_gib)
+    result = dict(system=a.system, cap_gib=a.cap_gib, flags=a.flags)
+    try:
+        if a.system == "size":
+            result.update(run_size(a))
+        elif a.system == "convergence":
+            result.update(run_convergence(a))
+        else:
+            build = so8t_trainer if a.system == "so8t_hf" else hf_trainer
+            trainer, block = build(a, ["--max_steps", str(a.warmup + a.steps), *a.flags])
+            result.update(timed_train(trainer, block, a.warmup), ok=True)
+    except Exception as err:  # noqa: BLE001 - an OOM under the cap is a result
+        if not is_oom(err):
+            logger.exception("run failed")
+        result.update(ok=False, oom=is_oom(err), error=f"{type(err).__name__}: {str(err)[:400]}",
+                      peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    logger.info("%s -> %s", {k: v for k, v in result.items() if k not in ("step_times", "losses", "trials",
+                                                                         "variants")}, a.out)
+
+
+if __name__ == "__main__":
+    main()
