@@ -55,7 +55,9 @@ def test_recipe_writes_every_artifact(run_dir):
     config = json.loads((out / "final/config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_so8t_phi3.So8tPhi3ForCausalLM"
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
-    assert "generation %}" in tokenizer.chat_template and "<think-task>" not in tokenizer.chat_template
+    assert "generation %}" in tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert "<think-task>" not in prompt and prompt.endswith("<|assistant|>\n")  # the template never writes thinking
     assert len(tokenizer.encode("<think-task>", add_special_tokens=False)) == 1
     generation = json.loads((out / "final/generation_config.json").read_text())
     assert generation["eos_token_id"][0] == tokenizer.convert_tokens_to_ids("<|end|>")  # plain generate() stops
@@ -98,12 +100,16 @@ def test_unknown_yaml_key_fails_and_flags_override(tmp_path):
 
 
 def test_every_recipe_yaml_parses_and_names_its_launch_line():
+    from so8t_hf.pretrain.config import make_parser as make_pretrain_parser
     from so8t_hf.sft import make_parser
 
-    for path in sorted((REPO / "recipes/configs").glob("*.yaml")):
+    paths = sorted((REPO / "recipes/configs").glob("*.yaml"))
+    assert any(p.name.startswith("pretrain_") for p in paths) and any(p.name == "tiny.yaml" for p in paths)
+    for path in paths:
         text = path.read_text()
         assert "accelerate launch" in "".join(text.splitlines()[:4]), path.name
-        make_parser().parse_args_and_config(["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
+        parser = make_pretrain_parser() if path.name.startswith("pretrain_") else make_parser()
+        parser.parse_args_and_config(["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
 
 
 def test_ddp_two_cpu_processes_follow_the_single_process_loss_curve(tmp_path):
