@@ -38,7 +38,13 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from so8t_hf.integrations.flash_backends import FLASH_BUILDS, flash_build_status, import_functions, wrap_functions
+from so8t_hf.integrations.flash_backends import (
+    FLASH_BUILDS,
+    flash_build_status,
+    import_functions,
+    reset_probes,
+    wrap_functions,
+)
 from so8t_hf.ops.chunked_attention import chunked_attention
 
 logger = logging.getLogger(__name__)
@@ -163,6 +169,13 @@ def packed_gpu_choice(mean_len: float | None, torch_varlen: bool, triton: bool):
 
 
 _MEASURED: dict[tuple, tuple[str, str]] = {}
+
+
+def reset_backend_choices() -> None:
+    """Forget the probed FlashAttention builds and the measured per-shape choices (tests with fake builds)."""
+    reset_probes()
+    _builds_reported.clear()
+    _MEASURED.clear()
 
 
 def measured_packed_choice(default: str, query, key, mean_len: float | None):

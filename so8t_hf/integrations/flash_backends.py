@@ -148,10 +148,6 @@ def torch_flash_registry() -> str:
 
 
 def reset_probes() -> None:
-    """Forget the cached imports, probes and measured choices (tests that install a fake build)."""
+    """Forget the cached imports and probes (tests that install a fake build)."""
     import_functions.cache_clear()
     _probe.cache_clear()
-    from so8t_hf.integrations import attention
-
-    attention._builds_reported.clear()
-    attention._MEASURED.clear()

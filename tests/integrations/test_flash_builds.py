@@ -16,7 +16,6 @@ from so8t_hf.integrations.flash_backends import (
     flash_build_status,
     import_functions,
     probe_call,
-    reset_probes,
     wrap_functions,
 )
 
@@ -51,10 +50,10 @@ def fake_builds(tmp_path, monkeypatch):
         monkeypatch.syspath_prepend(str(tmp_path))
         for name in [m for m in sys.modules if m.split(".")[0] in ("flash_attn", "flash_attn_interface")]:
             monkeypatch.delitem(sys.modules, name)
-        reset_probes()
+        attention.reset_backend_choices()
 
     yield write
-    reset_probes()
+    attention.reset_backend_choices()
 
 
 def _fa4_namespace():
