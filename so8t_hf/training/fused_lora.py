@@ -42,6 +42,8 @@ def _weight_fn(base, kind: str):
     state = weight.quant_state
 
     def dequantize():
+        if weight.device.type != "cuda":  # bitsandbytes has no out= variant off CUDA
+            return bnb_functional.dequantize_4bit(weight.data, state)
         out = DEQUANT_BUFFER.get(state.shape, state.dtype, weight.device)
         return bnb_functional.dequantize_4bit(weight.data, state, out=out)
 
