@@ -125,10 +125,11 @@ def test_training_runs_beside_a_fa4_install_and_logs_why_it_is_not_used(fake_bui
     assert "flash_attn not offered (flash_attn has no flash_attn_func" in caplog.text
 
 
-def test_env_reports_each_build_and_its_reason(fake_builds):
+def test_env_reports_each_build_and_its_reason(fake_builds, monkeypatch):
     from so8t_hf.cli.env import environment_report, format_report
 
     fake_builds(_fa4_namespace())
+    monkeypatch.setattr(flash_backends, "_current_device", lambda: "cpu")  # the same answer on a GPU machine
     report = environment_report()
     assert report["flash_attn_usable"] is False
     assert report["flash_builds"]["flash_attn"]["usable"] is False
@@ -150,3 +151,26 @@ def test_auto_on_a_gpu_does_not_pick_the_fa4_namespace(fake_builds, monkeypatch)
     monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(flash_backends, "_current_device", lambda: "cuda:0")
     assert attention.flash_attn_available() is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_usable_fa4_build_is_measured_per_shape_and_the_faster_kept(fake_builds, caplog):
+    """On a GPU the fake FA4 (a per-sequence PyTorch loop, slow) passes the probe; auto times it against its own
+    choice on the pack's shape, keeps the faster, logs the timings, and the packed rows stay exact."""
+    from tiny_models import random_ids
+
+    fake_builds(_fa4_namespace())
+    assert flash_build_status("flash_attn_4")[0]
+    model = tiny_so8t(seed=0, attn_implementation="so8t", hidden_size=768, num_attention_heads=8,
+                      num_key_value_heads=8, intermediate_size=1536).cuda().bfloat16()
+    lengths = [100, 60, 96]
+    ids = random_ids(1, sum(lengths)).cuda()
+    cu = torch.tensor([0, 100, 160, 256], dtype=torch.int32, device="cuda")
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    with caplog.at_level(logging.INFO, logger="so8t_hf"):
+        model(input_ids=ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=100,
+              max_length_k=100).logits.float().sum().backward()
+    assert "measured fwd+bwd at 256 tokens" in caplog.text and "flash_attn_4" in caplog.text
+    assert so8t_hf.last_backend() in ("torch_varlen", "triton", "flash_attn_4")
+    assert len(attention._MEASURED) == 1  # one shape, measured once for both layers
