@@ -22,7 +22,7 @@ stamp "checkpoint"
   python3 scripts/make_phi35_shaped.py --tokenizer "$FIXTURES/phi35-tokenizer" --out /dev/shm/phi35-shaped 2>&1 | tail -1 | tee -a "$OUT/device.txt"
 if [ "${TEST_TIMEOUT:-150}" -gt 0 ]; then
   stamp "gpu tests"
-  timeout "${TEST_TIMEOUT_KERNELS:-60}" python3 -m pytest -q -rs -p no:cacheprovider --durations=8 \
+  [ "${TEST_TIMEOUT_KERNELS:-60}" -gt 0 ] && timeout "${TEST_TIMEOUT_KERNELS:-60}" python3 -m pytest -q -rs -p no:cacheprovider --durations=8 \
     tests/ops/test_so8_exp.py tests/integrations/test_step_rotations.py tests/integrations/test_attention_varlen.py \
     tests/ops/test_fast_lora.py tests/training/test_fused_lora.py tests/integrations/test_flash_builds.py \
     > "$OUT/gpu_tests.log" 2>&1
