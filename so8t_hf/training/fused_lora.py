@@ -5,7 +5,8 @@ or a bf16 base + adapter, in one autograd Function per layer instead of PEFT's c
 when the layer is in the simple case (one active adapter, not merged, no dropout in training, no DoRA, no adapter
 bias, a frozen base, a plain call) and PEFT's own forward otherwise, so nothing changes semantics. A 4-bit base is
 dequantised with bitsandbytes' `dequantize_4bit` into one reused buffer (the largest weight), forward and backward.
-`disable_fused_lora(model)` restores PEFT's forwards. Switch: `SO8TConfig.fused_lora`.
+`disable_fused_lora(model)` restores PEFT's forwards. Switch: `SO8TConfig.fused_lora` ('auto': the 4-bit layers
+of a CUDA run, the case it was built for; 'on': float bases too, and on the CPU; 'off').
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ def _fused_forward(self, x, *args, **kwargs):
                        self.scaling[name], base.bias)
 
 
-def enable_fused_lora(model: torch.nn.Module) -> dict[str, int]:
-    """Put the fused forward on every supported PEFT LoRA layer; returns the count per base kind (logged)."""
+def enable_fused_lora(model: torch.nn.Module, kinds=("nf4", "dense")) -> dict[str, int]:
+    """Put the fused forward on every supported PEFT LoRA layer whose base is one of `kinds` ('nf4', 'dense');
+    returns the count per base kind, plus layers left on PEFT's forward ('unsupported', 'off': not in `kinds`)."""
     from peft.tuners.lora import LoraLayer
 
-    counts = {"nf4": 0, "dense": 0, "unsupported": 0}
+    counts = {"nf4": 0, "dense": 0, "unsupported": 0, "off": 0}
     for module in model.modules():
         if not isinstance(module, LoraLayer) or not hasattr(module, "get_base_layer"):
             continue
@@ -87,6 +89,9 @@ def enable_fused_lora(model: torch.nn.Module) -> dict[str, int]:
         kind = _base_kind(module)
         if kind is None:
             counts["unsupported"] += 1
+            continue
+        if kind not in kinds:
+            counts["off"] += 1
             continue
         if kind == "nf4":
             try:
@@ -101,8 +106,8 @@ def enable_fused_lora(model: torch.nn.Module) -> dict[str, int]:
         counts[kind] += 1
     if counts["nf4"] or counts["dense"]:
         logger.info("fused LoRA: %d 4-bit (NF4 dequantise + matmul + adapter) and %d float-base LoRA layers on one "
-                    "autograd Function each; %d left on PEFT's forward (fused_lora=false turns it off)", counts["nf4"],
-                    counts["dense"], counts["unsupported"])
+                    "autograd Function each; %d left on PEFT's forward (fused_lora=off turns it off)", counts["nf4"],
+                    counts["dense"], counts["unsupported"] + counts["off"])
     return counts
 
 

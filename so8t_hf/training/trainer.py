@@ -125,7 +125,7 @@ class SO8TTrainer(SFTTrainer):
         if args.fused_lora == "on" or (args.fused_lora == "auto" and torch.cuda.is_available() and not args.use_cpu):
             from so8t_hf.training.fused_lora import enable_fused_lora
 
-            self.fused_lora_counts = enable_fused_lora(self.model)
+            self.fused_lora_counts = enable_fused_lora(self.model, ("nf4", "dense") if args.fused_lora == "on" else ("nf4",))
         self._pending: list[torch.Tensor] = []  # per-micro-step metric tensors, read at `log`
         self._pending_tokens: list[torch.Tensor] = []
         self._pending_pet: list[torch.Tensor] = []

@@ -40,7 +40,7 @@ def _run(model, x):
 def test_peft_layers_on_the_fused_path_equal_peft(caplog):
     peft, fused = _peft_pair()
     with caplog.at_level(logging.INFO, logger="so8t_hf"):
-        assert enable_fused_lora(fused) == {"nf4": 0, "dense": 2, "unsupported": 0}
+        assert enable_fused_lora(fused) == {"nf4": 0, "dense": 2, "unsupported": 0, "off": 0}
     assert "fused LoRA: 0 4-bit" in caplog.text and "2 float-base LoRA layers" in caplog.text
     x = torch.randn(3, 5, 16)
     (o1, g1), (o2, g2) = _run(peft, x), _run(fused, x)
@@ -49,6 +49,7 @@ def test_peft_layers_on_the_fused_path_equal_peft(caplog):
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], atol=1e-6, rtol=1e-5, msg=n)
     assert disable_fused_lora(fused) == 2 and "forward" not in fused.base_model.model.up.__dict__
+    assert enable_fused_lora(fused, kinds=("nf4",)) == {"nf4": 0, "dense": 0, "unsupported": 0, "off": 2}
 
 
 def test_cases_the_fused_path_does_not_cover_take_peft_forward(monkeypatch):
@@ -90,7 +91,7 @@ def test_trainer_switch_keeps_the_loss_curve(tmp_path, switch):
 
     trainer, curve = losses(switch)
     if switch == "on":
-        assert trainer.fused_lora_counts == {"nf4": 0, "dense": 8, "unsupported": 0}  # 2 layers x 4 targets
+        assert trainer.fused_lora_counts == {"nf4": 0, "dense": 8, "unsupported": 0, "off": 0}  # 2 layers x 4 targets
         _, reference = losses("off")
         assert len(curve) == 3
         for got, want in zip(curve, reference):

@@ -82,7 +82,7 @@ def test_fused_nf4_lora_meets_the_tolerance_rule_against_peft():
     x = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16)
     ref_out, ref_grads = _fp32_reference(model, x)
     peft_out, peft_grads = _bf16_run(model, x)
-    assert enable_fused_lora(model) == {"nf4": 2, "dense": 0, "unsupported": 0}
+    assert enable_fused_lora(model) == {"nf4": 2, "dense": 0, "unsupported": 0, "off": 0}
     fused_out, fused_grads = _bf16_run(model, x)
     assert disable_fused_lora(model) == 2
 
