@@ -1,14 +1,16 @@
-"""End-to-end training speed: TRL + PEFT stock, TRL + PEFT + Liger and the so8t_hf recipe, same data and settings,
-for LoRA 4 x 2048, QLoRA NF4 1 x 2048 and LoRA 1 x 8192; then the ladder of our recipe (each optimisation switched on
-in turn). One process per run (`train_worker.py`); three run at a time, the others preparing on the CPU (data, model,
+"""End-to-end training speed: TRL + PEFT stock, the strongest stock stack that runs here (TRL + PEFT + Liger +
+padding-free on transformers' best loadable attention: `trl_liger_fa4`) and the so8t_hf recipe, same data and
+settings, for LoRA 4 x 2048, QLoRA NF4 1 x 2048 and LoRA 1 x 8192; then each workload's ladder of our recipe (each
+optimisation switched on in turn; `--only ladder` or a rung's name). One process per run (`train_worker.py`); three run at a time, the others preparing on the CPU (data, model,
 trainer) while one holds the GPU (a file lock), so only one ever uses the GPU.
 
     python scripts/make_phi35_shaped.py --tokenizer .fixtures/phi35-tokenizer --out /dev/shm/phi35-shaped
     python benchmarks/bench_train.py --checkpoint /dev/shm/phi35-shaped --out $OUT
 
 Writes `train_h100.md` (device, versions, command, tables) and `train_h100.json` ({"device", "command",
-"workloads": [{"workload", "runs": [{"name", "tokens_per_s", "peak_gib"}]}]}) into --out, with every run's JSON,
-log and profile under --out/runs.
+"workloads": [{"workload", "runs": [{"name", "tokens_per_s", "peak_gib", "mfu", ...}], "ladder": [...]}]}) into
+--out, with every run's JSON, log and profile under --out/runs. MFU = 4 N tokens/s over the card's dense bf16 peak
+(N = 3.82e9; H100 SXM / H200 989 TFLOP/s).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ sys.path.insert(0, str(HERE))
 from reasoning_rows import make_rows  # noqa: E402
 
 WORKLOADS = {"lora_4x2048": (4, 2048, False), "qlora_1x2048": (1, 2048, True), "lora_1x8192": (1, 8192, False)}
-FAST = "sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0"
+SYSTEMS = {"lora_4x2048": ("trl_stock", "trl_liger_fa4", "so8t_hf"), "qlora_1x2048": ("trl_stock", "so8t_hf"),
+           "lora_1x8192": ("trl_stock", "trl_liger_fa4", "so8t_hf")}
+N_PARAMS = 3.82e9
+FAST = "sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off"
 BEFORE = "sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05"
 # The ladder (LoRA 4 x 2048): each rung switches one more optimisation on; the last full rung is the recipe itself.
 LADDER = [
@@ -42,26 +47,48 @@ LADDER = [
     ("fused_kernels", dict(override=BEFORE, legacy=True), "+ Liger RMSNorm / SwiGLU / RoPE"),
     ("rotation_kernel", dict(override=BEFORE), "+ R once per step, fp32 GPU exponential"),
     ("host_dtype", dict(override=FAST), "+ sync-free loss, LoRA inputs in bf16, dropout off (= the recipe)"),
-    ("memory_policy", dict(override=f"{FAST},activation_checkpointing_layers=auto"),
-     "+ activation_checkpointing_layers=auto (spends spare GPU memory)"),
+    ("fused_lora", dict(override="fused_lora=on"), "+ fused LoRA linear on the bf16 base (fused_lora=on)"),
+    ("memory_policy", dict(override="activation_checkpointing_layers=auto"),
+     "+ activation_checkpointing_layers=auto, no cap (spends the measured free memory)"),
 ]
+# The other workloads' ladders: the rungs this issue added, from issue 16's recipe up.
+LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
+    ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward over bitsandbytes' 4-bit matmul)"),
+    ("fused_lora", dict(override=""), "+ fused NF4 dequantise + matmul + LoRA (= the recipe)")], "lora_1x8192": [
+    ("host_dtype", dict(override=FAST), "the recipe"),
+    ("fused_lora", dict(override="fused_lora=on"), "+ fused LoRA linear on the bf16 base (fused_lora=on)")]}
+# the rung that is the main table's so8t_hf run (fused_lora=auto fuses the 4-bit layers only)
+RECIPE_RUNG = {"lora_4x2048": "host_dtype", "qlora_1x2048": "fused_lora", "lora_1x8192": "host_dtype"}
+
+
+def ladder_name(workload: str, rung: str) -> str:
+    return f"ladder.{rung}" if workload == "lora_4x2048" else f"ladder_{workload}.{rung}"
+
+
+def peak_flops(device: str) -> float | None:
+    """Dense bf16 peak of the card (no sparsity): H100 SXM / H200 989 TFLOP/s, H100 PCIe 756."""
+    if "H100" in device and "PCIe" in device:
+        return 756e12
+    return 989e12 if ("H100" in device or "H200" in device) else None
 
 
 def plan(args) -> list[dict]:
     runs = []
     for workload, (batch, length, qlora) in WORKLOADS.items():
-        for system in ("trl_stock", "trl_liger", "so8t_hf"):
-            steps = args.steps + (args.extra_steps if system == "so8t_hf" and workload == "lora_4x2048" else 0)
+        for system in SYSTEMS[workload]:
             runs.append(dict(name=f"{workload}.{system}", workload=workload, system=system, batch=batch, length=length,
-                             qlora=qlora, steps=steps, override="", legacy=False, packing="true",
+                             qlora=qlora, steps=args.steps, override="", legacy=False, packing="true",
                              profile=args.profile_steps if (system == "so8t_hf" or workload == "qlora_1x2048")
-                             and system != "trl_liger" and workload != "lora_1x8192" else 0))
-    for rung, spec, _ in LADDER:
-        if rung == "host_dtype":
-            continue  # = lora_4x2048.so8t_hf
-        runs.append(dict(name=f"ladder.{rung}", workload="lora_4x2048", system="so8t_hf", batch=4, length=2048,
-                         qlora=False, steps=args.steps, override=spec.get("override", ""), legacy=spec.get("legacy", False),
-                         packing=spec.get("packing", "true"), profile=0))
+                             and workload != "lora_1x8192" else 0))
+    for workload, ladder in LADDERS.items():
+        batch, length, qlora = WORKLOADS[workload]
+        for rung, spec, _ in ladder:
+            if rung == RECIPE_RUNG[workload]:
+                continue  # = the main table's so8t_hf run
+            runs.append(dict(name=ladder_name(workload, rung), workload=workload, system="so8t_hf", batch=batch,
+                             length=length, qlora=qlora, steps=args.ladder_steps, override=spec.get("override", ""),
+                             legacy=spec.get("legacy", False), packing=spec.get("packing", "true"),
+                             profile=args.profile_steps if workload == "qlora_1x2048" else 0))
     if args.only:
         runs = [r for r in runs if any(r["name"].startswith(o) for o in args.only)]
     return runs
@@ -104,18 +131,46 @@ def device_name() -> str:
     return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"
 
 
-def warmup_check(r: dict) -> str:
-    times = r["step_times"][: len(r["step_times"]) - (r.get("profile") and 3 or 0)]
+def warmup_ratio(r: dict) -> float | None:
+    """Worst step after step 10 over the median step (profiled steps left out), or None for short runs."""
+    times = r["step_times"][: len(r["step_times"]) - (3 if r.get("profile") else 0)]
     if len(times) <= 11:
+        return None
+    return max(times[10:]) / statistics.median(times)
+
+
+def warmup_check(r: dict) -> str:
+    ratio = warmup_ratio(r)
+    if ratio is None:
         return "-"
-    med = statistics.median(times)
-    worst = max(times[10:])
-    return f"{worst / med:.2f}x (max after step 10 {worst:.2f} s, median {med:.2f} s)"
+    times = r["step_times"][: len(r["step_times"]) - (3 if r.get("profile") else 0)]
+    return (f"{ratio:.2f}x{'' if ratio <= 1.2 else ' (over 1.2x)'} (max after step 10 {max(times[10:]):.2f} s, "
+            f"median {statistics.median(times):.2f} s)")
+
+
+def _row(name: str, r: dict, flops: float | None) -> dict:
+    row = {"name": name, "tokens_per_s": round(r["tokens_per_s"], 1), "peak_gib": round(r["peak_gib"], 2)}
+    if flops:
+        row["mfu"] = round(4 * N_PARAMS * r["tokens_per_s"] / flops, 4)
+    row["tokens_per_s_median_step"] = round(r.get("tokens_per_s_median_step", 0), 1)
+    row["timed_steps"] = r.get("timed_steps")
+    ratio = warmup_ratio(r)
+    row["worst_step_after_10_over_median"] = round(ratio, 3) if ratio else None
+    row["attention"] = r.get("attn_implementation") if r.get("system", "").startswith("trl") else \
+        ", ".join(f"{k} {v}" for k, v in sorted(r.get("backends", {}).items()))
+    if r.get("attn_unavailable"):
+        row["attention_not_loadable"] = r["attn_unavailable"]
+    if r.get("fused_lora"):
+        row["fused_lora"] = r["fused_lora"]
+    if r.get("losses"):
+        row["first_last_loss"] = [round(r["losses"][0], 4), round(r["losses"][-1], 4)]
+    return row
 
 
 def report(args, results: dict, data_stats: str, command: str, wall: float, quiet: bool = False):
     out = Path(args.out)
     device = device_name()
+    flops = peak_flops(device)
     workloads = []
     lines = [f"# End-to-end training speed ({device})", "",
              f"Device: {device}. Versions: {versions()}.", "",
@@ -123,41 +178,44 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
              f"Workload: a random Phi-3.5-mini-shaped checkpoint (3.82B), the real Phi-3.5 tokenizer, {data_stats}; "
              f"LoRA r16 on qkv/o/gate_up/down, bf16, packing (padding-free), non-reentrant checkpointing, fused AdamW, "
              f"gradient accumulation 1. Tokens/s over steps {args.warmup + 1}-{args.warmup + args.steps} (after "
-             f"{args.warmup} warm-up steps; a CUDA sync ends each step); peak = max allocated once the model is on the GPU.",
-             ""]
+             f"{args.warmup} warm-up steps; a CUDA sync ends each step); peak = max allocated once the model is on the "
+             f"GPU. MFU = 4 x {N_PARAMS / 1e9:.2f}e9 x tokens/s over {flops / 1e12 if flops else 0:.0f} TFLOP/s "
+             f"(dense bf16 peak of the card).", ""]
     for workload in WORKLOADS:
-        names = [n for n in ("trl_stock", "trl_liger", "so8t_hf") if f"{workload}.{n}" in results]
-        if not names:
+        names = [n for n in SYSTEMS[workload] if f"{workload}.{n}" in results]
+        ladder = [(rung, desc, results.get(ladder_name(workload, rung)) or
+                   (results.get(f"{workload}.so8t_hf") if rung == RECIPE_RUNG[workload] else None)) for rung, _, desc in LADDERS[workload]]
+        if not names and not any(r for *_, r in ladder):
             continue
-        rows = [(n, results[f"{workload}.{n}"]) for n in names]
-        if workload == "lora_4x2048" and "ladder.memory_policy" in results:
-            rows.append(("so8t_hf_memory_auto", results["ladder.memory_policy"]))
+        rows = [_row(n, results[f"{workload}.{n}"], flops) for n in names]
         stock = results.get(f"{workload}.trl_stock")
-        workloads.append({"workload": workload, "runs": [
-            {"name": n, "tokens_per_s": round(r["tokens_per_s"], 1), "peak_gib": round(r["peak_gib"], 2)} for n, r in rows]})
-        lines += [f"## {workload}", "", "| run | tokens/s | vs stock | peak GiB | tokens/s of the median step | "
-                  "warm-up (worst step after 10 / median) |", "| --- | ---: | ---: | ---: | ---: | --- |"]
-        for n, r in rows:
-            ratio = f"{r['tokens_per_s'] / stock['tokens_per_s']:.2f}x" if stock else "-"
-            lines.append(f"| {n} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.2f} | "
-                         f"{r.get('tokens_per_s_median_step', 0):,.0f} | {warmup_check(r)} |")
+        anchor = results.get(f"{workload}.trl_liger_fa4")
+        entry = {"workload": workload, "runs": rows}
+        lines += [f"## {workload}", "", "| run | tokens/s | vs trl_stock | vs trl_liger_fa4 | peak GiB | MFU | median-step "
+                  "tokens/s | worst step after 10 / median | attention |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+        for n, row in zip(names, rows):
+            r = results[f"{workload}.{n}"]
+            vs = lambda base: f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"  # noqa: E731
+            mfu = f"{row['mfu']:.1%}" if "mfu" in row else "-"
+            lines.append(f"| {n} | {r['tokens_per_s']:,.0f} | {vs(stock)} | {vs(anchor)} | {r['peak_gib']:.2f} | {mfu} | "
+                         f"{row['tokens_per_s_median_step']:,.0f} | {warmup_check(r)} | {row['attention']} |")
         lines.append("")
-    ladder = [(rung, desc, results.get(f"ladder.{rung}") or (results.get("lora_4x2048.so8t_hf") if rung == "host_dtype" else None))
-              for rung, _, desc in LADDER]
-    if any(r for _, _, r in ladder):
-        base = next((r for _, _, r in ladder if r), None)
-        lines += ["## Ladder (our recipe, LoRA 4 x 2048; each rung adds one optimisation)", "",
-                  "| rung | what | tokens/s | vs baseline | peak GiB | attention calls | first / last loss |",
-                  "| --- | --- | ---: | ---: | ---: | --- | --- |"]
-        for rung, desc, r in ladder:
-            if r is None:
-                lines.append(f"| {rung} | {desc} | not run | | | | |")
-                continue
-            calls = ", ".join(f"{k} {v}" for k, v in sorted(r.get("backends", {}).items()))
-            loss = f"{r['losses'][0]:.3f} / {r['losses'][-1]:.3f}" if r.get("losses") else "-"
-            lines.append(f"| {rung} | {desc} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
-                         f"{r['peak_gib']:.2f} | {calls} | {loss} |")
-        lines += ["", "compile (torch.compile of the decoder layer): not run (see the notes)", ""]
+        if any(r for *_, r in ladder):
+            base = next(r for *_, r in ladder if r)
+            entry["ladder"] = []
+            lines += [f"Ladder ({workload}; each rung adds one optimisation):", "",
+                      "| rung | what | tokens/s | vs first rung | peak GiB | checkpointed layers | first / last loss |",
+                      "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+            for rung, desc, r in ladder:
+                if r is None:
+                    lines.append(f"| {rung} | {desc} | not run | | | | |")
+                    continue
+                entry["ladder"].append({"rung": rung, "what": desc, **_row(rung, r, flops)})
+                loss = f"{r['losses'][0]:.3f} / {r['losses'][-1]:.3f}" if r.get("losses") else "-"
+                lines.append(f"| {rung} | {desc} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+                             f"{r['peak_gib']:.2f} | {r.get('checkpointed_layers') if r.get('checkpointed_layers') is not None else 'all'} | {loss} |")
+            lines.append("")
+        workloads.append(entry)
     lines += ["## Profiles (torch.profiler, last steps of the run)", ""]
     for name, r in results.items():
         if "profile" in r:
@@ -167,7 +225,8 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
                          f"(host gaps {1 - p['device_ms_per_step'] / p['wall_ms_per_step']:.0%}); {shares}")
     lines.append("")
     (out / "train_h100.md").write_text("\n".join(lines) + "\n")
-    payload = {"device": device, "command": command, "workloads": workloads}
+    payload = {"device": device, "command": command, "peak_bf16_tflops": flops and flops / 1e12, "n_params": N_PARAMS,
+               "workloads": workloads}
     (out / "train_h100.json").write_text(json.dumps(payload, indent=1) + "\n")
     if not quiet:
         print("\n".join(lines))
@@ -179,8 +238,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--rows", type=int, default=1300)
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--extra_steps", type=int, default=12, help="more steps for the recipe's LoRA run (warm-up check)")
+    p.add_argument("--steps", type=int, default=36, help="timed steps of the main tables' runs (after --warmup)")
+    p.add_argument("--ladder_steps", type=int, default=10, help="timed steps of the ladder's rungs")
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--parallel", type=int, default=3)
     p.add_argument("--timeout", type=float, default=420, help="seconds for all runs; later runs are skipped")

@@ -6,7 +6,9 @@ next run's preparation overlaps this one's training without sharing the GPU. On 
 profiled steps. Writes one JSON result: tokens/s over the timed steps, peak GiB (max allocated after the model is on
 the GPU), every step's time and loss, the attention backends used.
 
-Systems: `trl_stock` (TRL SFTTrainer + PEFT, stock Phi-3, sdpa), `trl_liger` (same + use_liger_kernel), `so8t_hf`
+Systems: `trl_stock` (TRL SFTTrainer + PEFT, stock Phi-3, sdpa), `trl_liger` (same + use_liger_kernel),
+`trl_liger_fa4` (TRL + PEFT + Liger + padding-free packing on the best attention transformers can load here:
+flash_attention_4 > _3 > _2 > sdpa, the choice and why the others could not load recorded in the result), `so8t_hf`
 (the recipe yaml through so8t_hf's pipeline builders and SO8TTrainer). Workload: batch x max_length, LoRA or QLoRA.
 """
 
@@ -34,6 +36,24 @@ def _common_args(a, out_dir):
                 disable_tqdm=True, seed=0, dataloader_num_workers=0, packing=a.packing)
 
 
+def best_stock_attention() -> tuple[str, dict]:
+    """The fastest attention transformers can load here for padding-free rows, and why each better one cannot."""
+    import transformers.utils as tu
+
+    why = {}
+    for impl, check, package in (("flash_attention_4", "is_flash_attn_4_available", "flash-attn-4"),
+                                 ("flash_attention_3", "is_flash_attn_3_available", "flash-attn 3 (hopper build)"),
+                                 ("flash_attention_2", "is_flash_attn_2_available", "flash-attn")):
+        available = getattr(tu, check, None)
+        if available is None:
+            why[impl] = f"this transformers has no {check}"
+        elif available():
+            return impl, why
+        else:
+            why[impl] = f"{package} is not installed (transformers.utils.{check}() is False)"
+    return "sdpa", why
+
+
 def build_trl(a, rows, out_dir):
     """(model on the CPU or None for QLoRA, a builder(model) -> trainer) for the stock TRL + PEFT runs."""
     import torch
@@ -46,10 +66,16 @@ def build_trl(a, rows, out_dir):
     dataset = Dataset.from_list(rows)
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     args = SFTConfig(**_common_args(a, out_dir), gradient_checkpointing=True,
-                     gradient_checkpointing_kwargs={"use_reentrant": False}, use_liger_kernel=a.system == "trl_liger")
+                     gradient_checkpointing_kwargs={"use_reentrant": False},
+                     use_liger_kernel=a.system in ("trl_liger", "trl_liger_fa4"))
+    attn, a.attn_unavailable = best_stock_attention() if a.system == "trl_liger_fa4" else ("sdpa", {})
+    a.attn_implementation = attn
+    if a.system == "trl_liger_fa4":
+        args.padding_free = True  # packing="bfd" implies it in TRL; explicit here
+        logger.info("trl_liger_fa4: attn_implementation=%s (%s)", attn, a.attn_unavailable)
 
     def load():
-        kwargs = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
+        kwargs = dict(dtype=torch.bfloat16, attn_implementation=attn)
         if a.qlora:
             from transformers import BitsAndBytesConfig
 
@@ -196,7 +222,7 @@ def _profile_summary(prof, steps: int, wall: float) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--name", required=True)
-    p.add_argument("--system", choices=["trl_stock", "trl_liger", "so8t_hf"], required=True)
+    p.add_argument("--system", choices=["trl_stock", "trl_liger", "trl_liger_fa4", "so8t_hf"], required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="folder with rows.jsonl")
     p.add_argument("--batch", type=int, default=4)
@@ -263,6 +289,9 @@ def main(argv=None) -> None:
             losses=[float(x) for x in losses], backends=backends, prep_s=prep_s,
             gpu_s=time.perf_counter() - t_gpu, override=a.override, legacy_rotation=a.legacy_rotation,
             checkpointed_layers=getattr(getattr(trainer, "checkpoint_policy", None), "checkpointed", None),
+            fused_lora=getattr(trainer, "fused_lora_counts", None), warmup=a.warmup, timed_steps=len(timed_t),
+            attn_implementation=getattr(a, "attn_implementation", "so8t"),
+            attn_unavailable=getattr(a, "attn_unavailable", {}),
         )
         if timer.prof is not None:
             summary = _profile_summary(timer.prof, a.profile_steps, timer.prof_wall)

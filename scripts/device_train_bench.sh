@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 16 in one device call: GPU tests (`pytest -m gpu` + the kernels' own tests on CUDA), then the end-to-end
+# Issues 16 / 21 in one device call: GPU tests (`pytest -m gpu` + the kernels' own tests on CUDA), then the end-to-end
 # training benchmark (benchmarks/bench_train.py: TRL + PEFT stock, + Liger, our recipe; LoRA 4x2048, QLoRA 1x2048,
-# LoRA 1x8192; the ladder; torch.profiler traces). At most 8 files come back in $OUT: the .md / .json results, the
+# LoRA 1x8192; the ladders; torch.profiler traces). BENCH_ARGS="--only ..." picks runs; TEST_TIMEOUT=0 skips tests. At most 8 files come back in $OUT: the .md / .json results, the
 # logs, and every run's JSON / log / profile in bench_runs.tar.gz.
 #   here:   ../shared/tools/device-wheels && cp -r ../shared/fixtures/phi35-tokenizer .fixtures/
 #   device: run(command="bash scripts/device_train_bench.sh", carry=[".whl", ".fixtures"])
@@ -18,11 +18,13 @@ export PYTHONPATH=/tmp/site:$PWD
   python3 -c "import torch, transformers, triton, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
 stamp "checkpoint"
-python3 scripts/make_phi35_shaped.py --tokenizer "$FIXTURES/phi35-tokenizer" --out /dev/shm/phi35-shaped 2>&1 | tail -1 | tee -a "$OUT/device.txt"
+[ -f /dev/shm/phi35-shaped/config.json ] && echo "checkpoint kept from an earlier call" | tee -a "$OUT/device.txt" || \
+  python3 scripts/make_phi35_shaped.py --tokenizer "$FIXTURES/phi35-tokenizer" --out /dev/shm/phi35-shaped 2>&1 | tail -1 | tee -a "$OUT/device.txt"
 if [ "${TEST_TIMEOUT:-150}" -gt 0 ]; then
   stamp "gpu tests"
-  timeout "${TEST_TIMEOUT_KERNELS:-60}" python3 -m pytest -q -rs -p no:cacheprovider --durations=8 \
+  [ "${TEST_TIMEOUT_KERNELS:-60}" -gt 0 ] && timeout "${TEST_TIMEOUT_KERNELS:-60}" python3 -m pytest -q -rs -p no:cacheprovider --durations=8 \
     tests/ops/test_so8_exp.py tests/integrations/test_step_rotations.py tests/integrations/test_attention_varlen.py \
+    tests/ops/test_fast_lora.py tests/training/test_fused_lora.py tests/integrations/test_flash_builds.py \
     > "$OUT/gpu_tests.log" 2>&1
   timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider --durations=8 -s \
     tests/ops tests/training tests/integrations >> "$OUT/gpu_tests.log" 2>&1

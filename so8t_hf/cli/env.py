@@ -14,9 +14,10 @@ from so8t_hf.integrations.attention import (
     flash_attn_available,
     triton_kernel_available,
 )
+from so8t_hf.integrations.flash_backends import FLASH_BUILDS, flash_build_status, torch_flash_registry
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "evaluate", "safetensors",
-            "triton", "flash-attn", "bitsandbytes", "liger-kernel")
+            "triton", "flash-attn", "flash-attn-4", "bitsandbytes", "liger-kernel")
 
 MISSING_COST = {
     "flash-attn": "auto uses the project's Triton kernel for packed rows and SDPA (cuDNN / flash) for dense "
@@ -72,6 +73,8 @@ def environment_report() -> dict:
         "versions": versions,
         "gpus": gpu_summary(),
         "flash_attn_usable": flash_attn_available(),
+        "flash_builds": {name: dict(zip(("usable", "why"), flash_build_status(name))) for name in FLASH_BUILDS},
+        "torch_flash_registry": torch_flash_registry(),
         "triton_kernel_usable": triton_kernel_available(),
         "auto_backend": auto_backend_choices(),
         "missing": missing,
@@ -82,6 +85,10 @@ def format_report(report: dict) -> str:
     lines = [f"python {report['python']} on {report['platform']}", "", "packages:"]
     lines += [f"  {name:<14}{version or 'not installed'}" for name, version in report["versions"].items()]
     lines += ["", "GPUs:"] + ([f"  {g}" for g in report["gpus"]] or ["  none (CPU only: fp32 training of small models)"])
+    lines += ["", "FlashAttention builds (offered to auto only if a tiny call runs here):"]
+    lines += [f"  {name:<14}{'usable' if b['usable'] else 'not offered'}: {b['why']}"
+              for name, b in report.get("flash_builds", {}).items()]
+    lines += [f"  torch registry: {report['torch_flash_registry']}"] if "torch_flash_registry" in report else []
     lines += ["", 'attention backend chosen by so8t_attn_backend="auto":']
     lines += [f"  {case:<28}-> {backend} ({reason})" for case, backend, reason in report["auto_backend"]]
     if report["missing"]:

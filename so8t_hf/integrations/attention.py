@@ -2,14 +2,16 @@
 
 `import so8t_hf` registers `attn_implementation="so8t"` with transformers' `AttentionInterface` and a
 matching mask function with `AttentionMaskInterface` (without it a custom attention silently gets
-`mask=None`). Backends, best first: `flash_attn` (if installed) > `torch_varlen` (PyTorch's own
+`mask=None`). Backends, best first: `flash_attn` (flash-attn 2, if usable) > `torch_varlen` (PyTorch's own
 `torch.nn.attention.varlen.varlen_attn`, FlashAttention inside PyTorch >= 2.10) / `triton` (the project's
 kernel) > `sdpa` > `chunked` (exact online-softmax PyTorch, bounded memory) > `eager` (dense reference).
 
 `auto` on packed CUDA rows picks by the mean sequence length of the pack (known from `cu_seq_lens_q`'s shape, no
 sync): `torch_varlen` up to `TORCH_VARLEN_MAX_MEAN_LEN` tokens, our kernel above. Measured on an H100, fwd+bwd,
 H32 D96: 20 SFT rows in 8,192 tokens, varlen_attn 0.735 ms vs ours 1.069 ms; 22 rows in 27k tokens, ours 1.10x
-(issue 16; DESIGN.md's anchors). With the collator's `cu_seq_lens_q` / `max_length_q` (TRL's padding-free
+(issue 16; DESIGN.md's anchors). Where flash-attn 3 or 4 is usable (`flash_backends.py`: detected by a tiny call,
+not by package name), `auto` measures it against that choice once per pack shape, forward and backward, and keeps the
+faster (`measured_packed_choice`, logged). With the collator's `cu_seq_lens_q` / `max_length_q` (TRL's padding-free
 collator passes them) no layer synchronises with the host.
 
 Masks. The mask function returns `None` for plain causal attention (bottom-right aligned when a KV
@@ -25,8 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import inspect
+import math
 import logging
 import os
 from collections import Counter
@@ -36,18 +38,26 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from so8t_hf.integrations.flash_backends import (
+    FLASH_BUILDS,
+    flash_build_status,
+    import_functions,
+    reset_probes,
+    wrap_functions,
+)
 from so8t_hf.ops.chunked_attention import chunked_attention
 
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "so8t"
-BACKENDS = ("flash_attn", "torch_varlen", "triton", "sdpa", "chunked", "eager")
+BACKENDS = ("flash_attn", "flash_attn_3", "flash_attn_4", "torch_varlen", "triton", "sdpa", "chunked", "eager")
 TORCH_VARLEN_MAX_MEAN_LEN = 1024  # auto: packs of shorter sequences (on average) take torch_varlen, longer ones ours
 
 BACKEND_COUNTS: Counter = Counter()
 _announced: set[tuple[str, str]] = set()
 _last: list[str] = []
 _forced: list[str] = []
+_builds_reported: list = []
 
 
 def last_backend() -> str | None:
@@ -72,7 +82,8 @@ def _check_backend_name(name: str) -> None:
 
 
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    """flash-attn 2 imports and ran a tiny packed call on this GPU (not merely a `flash_attn` namespace)."""
+    return torch.cuda.is_available() and flash_build_status("flash_attn")[0]
 
 
 @functools.cache
@@ -99,11 +110,12 @@ def triton_kernel_available() -> bool:
 
 def _backend_unavailable_reason(name: str, query: torch.Tensor) -> str | None:
     half = query.dtype in (torch.float16, torch.bfloat16)
-    if name == "flash_attn":
-        if not flash_attn_available():
-            return "flash-attn is not installed (pip install 'so8t-hf[flash]') or no CUDA GPU"
+    if name in FLASH_BUILDS:
+        usable, why = flash_build_status(name)
+        if not usable:
+            return why if name != "flash_attn" else f"{why} (pip install 'so8t-hf[flash]')"
         if not (query.is_cuda and half):
-            return "flash-attn needs CUDA fp16/bf16 tensors"
+            return f"{FLASH_BUILDS[name][1]} needs CUDA fp16/bf16 tensors"
     if name == "triton" and not triton_kernel_available():
         return "the Triton kernel needs triton and a CUDA GPU (or TRITON_INTERPRET=1)"
     if name == "torch_varlen":
@@ -126,11 +138,13 @@ def choose_backend(requested: str, query: torch.Tensor, has_mask: bool, packed: 
         if dropout and requested not in ("sdpa", "eager"):
             raise ValueError(f"so8t attention backend {requested!r} has no dropout; use sdpa or eager for dropout>0.")
         return requested, "requested"
+    if not _builds_reported:  # once per process: which FlashAttention builds auto may use, and why (logged)
+        _builds_reported.append([flash_build_status(name) for name in FLASH_BUILDS])
     if dropout:
         return "sdpa", "attention dropout > 0"
     fast_kernels = not has_mask and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
     if fast_kernels and flash_attn_available():
-        return "flash_attn", "flash-attn installed"
+        return "flash_attn", "flash-attn 2 usable (a tiny call ran)"
     # Dense causal batches keep SDPA: measured on an H100 (benchmarks/results/attention_h100.md) SDPA's default
     # runs at cuDNN speed, 1.3x ours fwd+bwd at D96. Packed rows take the kernel: 3.75x padded SDPA's tokens/s.
     if fast_kernels and packed:
@@ -152,6 +166,65 @@ def packed_gpu_choice(mean_len: float | None, torch_varlen: bool, triton: bool):
     if triton:
         return "triton", "packed rows, long sequences: varlen kernel"
     return None
+
+
+_MEASURED: dict[tuple, tuple[str, str]] = {}
+
+
+def reset_backend_choices() -> None:
+    """Forget the probed FlashAttention builds and the measured per-shape choices (tests with fake builds)."""
+    reset_probes()
+    _builds_reported.clear()
+    _MEASURED.clear()
+
+
+def measured_packed_choice(default: str, query, key, mean_len: float | None):
+    """(backend, reason) for packed CUDA rows when flash-attn 3 / 4 is usable: `default` and each usable build are
+    timed once per pack shape (tokens, heads, kv heads, head dim, dtype, mean length rounded to a power of 2),
+    forward + backward on random rows of that shape, and the fastest is kept. Without them: (default, None)."""
+    extra = [b for b in ("flash_attn_3", "flash_attn_4") if flash_build_status(b)[0]]
+    if not extra or not query.is_cuda:
+        return default, None
+    tokens, heads, kv_heads, dim = query.shape[2], query.shape[1], key.shape[1], query.shape[3]
+    seq = 2 ** round(math.log2(max(2.0, min(mean_len or tokens, tokens))))
+    key_ = (tokens, heads, kv_heads, dim, query.dtype, seq, default)
+    if key_ not in _MEASURED:
+        lengths = [seq] * (tokens // seq) + ([tokens % seq] if tokens % seq else [])
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=query.device)
+        varlen = (cu, max(lengths))
+        times = {}
+        # identity saved-tensor hooks: inside a checkpointed layer the checkpoint's own hooks would capture these
+        with torch.enable_grad(), torch.autocast("cuda", enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            q = torch.randn(1, heads, tokens, dim, device=query.device, dtype=query.dtype, requires_grad=True)
+            k, v = (torch.randn(1, kv_heads, tokens, dim, device=query.device, dtype=query.dtype, requires_grad=True)
+                    for _ in range(2))
+            for name in [default, *extra]:
+                try:
+                    times[name] = _time_fwd_bwd(_BACKEND_FORWARD[name], q, k, v, dim**-0.5, varlen)
+                except Exception as err:  # a build that passed the probe but fails at this shape is not chosen
+                    logger.warning("so8t attention: %s failed at %d tokens x %d heads (%s); not chosen", name, tokens,
+                                   heads, err)
+        best = min(times, key=times.get) if times else default
+        timing = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+        _MEASURED[key_] = (best, f"packed rows, measured fwd+bwd at {tokens} tokens, mean length ~{seq}: {timing}")
+    return _MEASURED[key_]
+
+
+def _time_fwd_bwd(forward, q, k, v, scale, varlen, reps: int = 3) -> float:
+    """Median ms of one forward + backward of a backend over the given packed rows (after one warm-up)."""
+    times = []
+    for i in range(reps + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = forward(q, k, v, scale, None, None, 0.0, varlen)
+        out.float().sum().backward()
+        end.record()
+        end.synchronize()
+        if i:
+            times.append(start.elapsed_time(end))
+    q.grad = k.grad = v.grad = None
+    return sorted(times)[len(times) // 2]
 
 
 def _record(backend: str, reason: str) -> None:
@@ -318,6 +391,16 @@ def _flash_attn(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
     return _flash_like(flash_attn_func, flash_attn_varlen_func, "flash_attn")(q, k, v, scale, segments, keep_mask, dropout, varlen)
 
 
+def _flash_build(name):
+    def forward(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
+        funcs = import_functions(name)
+        if isinstance(funcs, str):
+            raise RuntimeError(funcs)
+        return _flash_like(*wrap_functions(*funcs), name)(q, k, v, scale, segments, keep_mask, dropout, varlen)
+
+    return forward
+
+
 def _torch_varlen_funcs():
     """(dense, varlen) callables in flash-attn's conventions over PyTorch's `varlen_attn` (causal only)."""
     varlen_attn, params = _torch_varlen_attn()
@@ -352,9 +435,10 @@ def _torch_varlen(q, k, v, scale, segments, keep_mask, dropout, varlen=None):
     return _flash_like(*_torch_varlen_funcs(), "torch_varlen")(q, k, v, scale, segments, keep_mask, dropout, varlen)
 
 
-_BACKEND_FORWARD = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "triton": _triton, "sdpa": _sdpa,
+_BACKEND_FORWARD = {"flash_attn": _flash_attn, "flash_attn_3": _flash_build("flash_attn_3"),
+                    "flash_attn_4": _flash_build("flash_attn_4"), "torch_varlen": _torch_varlen, "triton": _triton, "sdpa": _sdpa,
                     "chunked": _chunked, "eager": _eager}
-_VARLEN_BACKENDS = ("flash_attn", "torch_varlen", "triton")  # take (cu_seqlens, max_len) instead of segment ids
+_VARLEN_BACKENDS = ("flash_attn", "flash_attn_3", "flash_attn_4", "torch_varlen", "triton")  # take (cu_seqlens, max_len) instead of segment ids
 
 
 def so8t_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
@@ -379,6 +463,9 @@ def so8t_attention_forward(module, query, key, value, attention_mask, dropout=0.
     config = getattr(module, "config", None)
     requested = _forced[-1] if _forced else os.environ.get("SO8T_ATTN_BACKEND") or getattr(config, "so8t_attn_backend", "auto")
     backend, reason = choose_backend(requested, query, keep_mask is not None, packed, dropout, mean_len)
+    if requested == "auto" and packed and backend in ("torch_varlen", "triton"):
+        backend, measured = measured_packed_choice(backend, query, key, mean_len)
+        reason = measured or reason
     _record(backend, reason)
     if packed and segments is None and backend not in _VARLEN_BACKENDS:
         segments = packed_segments(None, cu, bsz, q_len, kv_len)

@@ -7,7 +7,7 @@ Self-contained remote code (torch and transformers only): copied into every save
 from huggingface_hub.dataclasses import strict
 from transformers import Phi3Config
 
-SO8T_ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "triton", "sdpa", "chunked", "eager")
+SO8T_ATTN_BACKENDS = ("auto", "flash_attn", "flash_attn_3", "flash_attn_4", "torch_varlen", "triton", "sdpa", "chunked", "eager")
 SO8_BLOCK = 8
 
 
@@ -43,7 +43,8 @@ class So8tPhi3Config(Phi3Config):
             Indices of the decoder layers whose attention output is rotated by a learned SO(8) block rotation.
             Negative indices count from the end.
         so8t_attn_backend (`str`, defaults to `"auto"`):
-            Backend of `attn_implementation="so8t"`: one of `auto`, `flash_attn`, `torch_varlen`, `triton`,
+            Backend of `attn_implementation="so8t"`: one of `auto`, `flash_attn` (flash-attn 2), `flash_attn_3`,
+            `flash_attn_4` (CuTe DSL), `torch_varlen`, `triton`,
             `sdpa`, `chunked`, `eager`.
 
     Example:

@@ -85,6 +85,12 @@ class SO8TConfig(SFTConfig):
         metadata={"help": "Cast LoRA inputs to the fp32 adapters (PEFT's default). Off under bf16/fp16: autocast "
                           "casts the small adapter weights instead of every activation (the adapters stay fp32)."},
     )
+    fused_lora: str = field(
+        default="auto",
+        metadata={"help": "Each LoRA layer (NF4 dequantise or bf16 base matmul + adapter) as one autograd Function "
+                          "(training/fused_lora.py): 'auto' (the 4-bit QLoRA layers of a CUDA run), 'on' (bf16/fp32 bases "
+                          "too, CPU too) or 'off' (PEFT's forward)."},
+    )
     sync_free_metrics: bool = field(
         default=True,
         metadata={"help": "Keep the per-step metrics (nll, entropy, accuracy, tokens) on the GPU until logging "
@@ -113,6 +119,9 @@ class SO8TConfig(SFTConfig):
         from so8t_hf.training.memory import parse_layers_setting
 
         self.activation_checkpointing_layers = parse_layers_setting(self.activation_checkpointing_layers)
+        self.fused_lora = {"true": "on", "false": "off"}.get(str(self.fused_lora).lower(), str(self.fused_lora).lower())
+        if self.fused_lora not in ("auto", "on", "off"):
+            raise ValueError(f"SO8TConfig.fused_lora={self.fused_lora!r}: use 'auto', 'on' or 'off'.")
         if self.loss_fallback not in ("recover", "error"):
             raise ValueError(f"SO8TConfig.loss_fallback={self.loss_fallback!r}: use 'recover' or 'error'.")
         kwargs = dict(self.gradient_checkpointing_kwargs or {})

@@ -2,7 +2,8 @@
 
 `activation_checkpointing_layers` (SO8TConfig): `all` (every decoder layer, the default), an integer N (the first N
 layers are checkpointed, the others keep their activations), or `auto`: as few layers as fit under
-`activation_memory_budget_gib` (default: 90% of the GPU), from an estimate of what an un-checkpointed layer keeps.
+a budget: the memory the process holds now plus 90% of what the GPU reports free (`torch.cuda.mem_get_info`, so
+other processes count), capped by `activation_memory_budget_gib` when set (`memory_budget`).
 
 Estimate (bf16 activations, measured on Phi-3.5-mini LoRA at 8,192 tokens: checkpointing off cost 34.2 GiB more,
 1.07 GiB per layer): an un-checkpointed layer keeps about `2 * (12 * hidden + 4 * intermediate)` bytes per token;
@@ -58,6 +59,12 @@ def auto_checkpointed_count(config, n_layers: int, tokens: int, trainable_bytes:
     return n_layers - int(keep)
 
 
+def memory_budget(allocated: int, free: int, cap_gib: float | None) -> int:
+    """Bytes the run may peak at: what it holds plus 90% of the measured free memory, at most `cap_gib`."""
+    measured = allocated + int(0.9 * free)
+    return measured if cap_gib is None else min(measured, int(cap_gib * GIB))
+
+
 def apply_checkpoint_policy(model, setting, tokens: int, budget_gib: float | None = None) -> int | None:
     """Turn checkpointing off on the layers the policy keeps; returns how many stay checkpointed (None: no-op)."""
     setting = parse_layers_setting(setting)
@@ -69,18 +76,19 @@ def apply_checkpoint_policy(model, setting, tokens: int, budget_gib: float | Non
             logger.info("activation_checkpointing_layers=auto: no CUDA GPU, every layer stays checkpointed.")
             return None
         device = next(p.device for p in model.parameters() if p.device.type == "cuda")
-        total = torch.cuda.get_device_properties(device).total_memory
-        budget = int(budget_gib * GIB) if budget_gib else int(0.9 * total)
+        free, _ = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        budget = memory_budget(allocated, free, budget_gib)
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         config = getattr(model, "config", None) or model.get_base_model().config
-        count = auto_checkpointed_count(config, len(layers), tokens, trainable, torch.cuda.memory_allocated(device), budget)
+        count = auto_checkpointed_count(config, len(layers), tokens, trainable, allocated, budget)
     else:
         count = min(setting, len(layers))
     for layer in layers[count:]:
         layer.gradient_checkpointing = False
     logger.info("activation checkpointing: %d of %d decoder layers checkpointed (activation_checkpointing_layers=%s, "
                 "%d tokens per micro-batch%s).", count, len(layers), setting, tokens,
-                f", budget {budget_gib} GiB" if budget_gib else "")
+                f", budget {budget / GIB:.2f} GiB (cap {budget_gib} GiB)" if setting == "auto" else "")
     return count
 
 

@@ -10,7 +10,8 @@ Overrides only what it must:
   reads them all: no host sync per micro-step (TRL's own compute_loss `.item()`s three times per micro-step).
 - Speed settings: under bf16/fp16 autocast the LoRA layers stop casting their inputs to the fp32 adapters
   (`lora_cast_inputs`); `use_liger_kernel` works for SO8T-Phi3 (`integrations/liger.py`);
-  `activation_checkpointing_layers` spends spare memory on fewer checkpointed layers (`training/memory.py`).
+  `activation_checkpointing_layers` spends spare memory on fewer checkpointed layers (`training/memory.py`);
+  `fused_lora` runs each LoRA layer (QLoRA: NF4 dequantise + matmul + adapter) as one autograd Function.
 - `create_optimizer`: the SO(8) generators get their own param group (`so8t_learning_rate`, no decay).
 - `log`: perplexity, learning rates, tokens/s, peak memory, SO(8) health, `loss_fallback_steps`.
 - `evaluation_loop`: adds the thinking metrics of each `ThinkingEvalCallback` (generated replies) to the
@@ -122,6 +123,11 @@ class SO8TTrainer(SFTTrainer):
                     uncast += 1
             if uncast:
                 logger.info("LoRA: %d layers take their inputs in the autocast dtype (lora_cast_inputs=False).", uncast)
+        self.fused_lora_counts = None
+        if args.fused_lora == "on" or (args.fused_lora == "auto" and torch.cuda.is_available() and not args.use_cpu):
+            from so8t_hf.training.fused_lora import enable_fused_lora
+
+            self.fused_lora_counts = enable_fused_lora(self.model, ("nf4", "dense") if args.fused_lora == "on" else ("nf4",))
         self._pending: list[torch.Tensor] = []  # per-micro-step metric tensors, read at `log`
         self._pending_tokens: list[torch.Tensor] = []
         self._pending_pet: list[torch.Tensor] = []

@@ -152,6 +152,7 @@ def _phi35_run(tmp_path, fast: bool, attention: str, steps: int = 20):
     model.model.so8t_step_rotations = fast
     args = _args(tmp_path, max_steps=steps, max_length=512, learning_rate=2e-4, so8t_learning_rate=1e-3,
                  sync_free_metrics=fast, lora_cast_inputs=not fast, activation_checkpointing=True,
+                 fused_lora="on" if fast else "off",
                  use_liger_kernel=fast and importlib.util.find_spec("liger_kernel") is not None)
     data = token_dataset(rows=300, min_len=60, max_len=400, seed=12)
     data = data.map(lambda row: {"input_ids": [3 + (t * 251) % 32000 for t in row["input_ids"]]})  # the full vocab
@@ -163,8 +164,8 @@ def _phi35_run(tmp_path, fast: bool, attention: str, steps: int = 20):
 
 
 def test_phi35_shaped_fast_paths_follow_the_reference_loss_curve_for_20_bf16_steps(tmp_path):
-    """Fast (step rotations + GPU exponential, auto attention, Liger, sync-free loss, LoRA inputs in bf16) against the
-    reference (per-layer float64 rotations, SDPA, PEFT's casts). Tolerance (DESIGN.md's rule): at every step the gap
+    """Fast (step rotations + GPU exponential, auto attention, Liger, sync-free loss, LoRA inputs in bf16, fused LoRA)
+    against the reference (per-layer float64 rotations, SDPA, PEFT's casts and forward). Tolerance (DESIGN.md's rule): at every step the gap
     to the reference is at most 2x the gap between two reference runs that differ only in bf16 rounding (attention
     through eager attention instead of SDPA), plus 0.01."""
     ref = _phi35_run(tmp_path / "ref", fast=False, attention="sdpa")
