@@ -104,6 +104,11 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _log_unawaited_failure(job: asyncio.Future) -> None:
+    if not job.cancelled() and job.exception() is not None:  # retrieved here, so it is never "never retrieved"
+        logger.error("audit write failed: %s", _cause(job.exception()))
+
+
 class AuditLog:
     """Append-only SQLite audit table; `write` commits before it returns; `run` calls it on the DB thread."""
 
@@ -167,8 +172,16 @@ class AuditLog:
         return cls(path, store_thinking, busy_timeout, aggregate_seconds)
 
     async def run(self, fn, *args):
-        """`fn(*args)` on the audit thread (writes stay in order; the event loop never waits on SQLite)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """`fn(*args)` on the audit thread (writes stay in order; the event loop never waits on SQLite).
+
+        Shielded: a caller cancelled while its write waits in the queue (a client that disconnected) still gets its
+        row written; a failure nobody awaits any more is logged."""
+        job = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(_log_unawaited_failure)
+            raise
 
     def _check_table(self) -> None:
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(audit)")}

@@ -247,6 +247,36 @@ def test_a_failing_generation_is_a_fixed_500_and_logs_no_text(tmp_path, caplog, 
     con.close()
 
 
+def test_an_audit_write_still_lands_when_its_request_is_cancelled_while_it_waits(tmp_path):
+    """A client that disconnects cancels its handler; a write queued behind others on the audit thread must still
+    run (before, the cancelled future took the queued write with it and the stream's row stayed `streaming`)."""
+    import asyncio
+    import threading
+
+    from so8t_hf.serve.audit import AuditRow
+
+    log = AuditLog(tmp_path / "audit.db")
+    busy = threading.Event()
+
+    async def scenario():
+        blocker = asyncio.ensure_future(log.run(busy.wait, 10))  # the audit thread is busy with another write
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(log.run(log.write, AuditRow("r1", 1.0, "/think", 200, "ok", 1.0)))
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # the request's task is cancelled (client gone) while its write is still queued
+        busy.set()
+        await blocker
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await log.run(lambda: None)  # everything queued before this has run
+
+    asyncio.run(scenario())
+    con = sqlite3.connect(tmp_path / "audit.db")
+    assert con.execute("SELECT outcome FROM audit WHERE request_id='r1'").fetchall() == [("ok",)]
+    con.close()
+    log.close()
+
+
 # ------------------------------------------------------------------------ audit start-up checks, aggregation
 def test_audit_open_names_the_path_and_the_cause(tmp_path):
     from so8t_hf.serve.audit import AuditError
