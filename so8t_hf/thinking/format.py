@@ -326,12 +326,12 @@ def visible_final_prefix(text: str, tags: ThinkingTags = DEFAULT_TAGS, complete:
     the generation ended, e.g. it stopped on the closing tag). Then it is `read_final(text).final`; the stream
     never shows anything the non-streaming answer does not.
     """
+    if not complete:  # a string search first: a stream calls this on every chunk, the parse is the costly part
+        close = text.rfind(f"</{tags.final}>")
+        if close < 0 or not any(t in text[close:] for t in TURN_END_TOKENS):
+            return ""
     reading = read_text(text, tags)
-    if reading.status != "final":
-        return ""
-    if complete or any(t in text[text.rfind(f"</{tags.final}>"):] for t in TURN_END_TOKENS):
-        return reading.final
-    return ""
+    return reading.final if reading.status == "final" else ""
 
 
 def thinking_hash(text: str, tags: ThinkingTags = DEFAULT_TAGS, key: bytes | None = None) -> str:
