@@ -31,6 +31,7 @@ if [ "${TEST_TIMEOUT:-150}" -gt 0 ]; then
   tail -4 "$OUT/gpu_tests.log"
 fi
 stamp "bench"
+( while sleep 15; do cp /tmp/bench/train_h100.md /tmp/bench/train_h100.json "$OUT/" 2>/dev/null; done ) &  # a call cut at its limit keeps the tables so far
 timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_train.py --checkpoint /dev/shm/phi35-shaped --out /tmp/bench \
   --timeout $(( ${BENCH_TIMEOUT:-400} - 100 )) ${BENCH_ARGS:-} 2>&1 | grep -v "^$" > "$OUT/bench.log"
 cp /tmp/bench/train_h100.md /tmp/bench/train_h100.json "$OUT/" 2>/dev/null
