@@ -146,9 +146,12 @@ def finite(x) -> bool:
 
 
 def nan_probe(trainer) -> dict:
-    """One forward/backward on the first training batch, as the Trainer runs it (bf16 autocast), with forward hooks:
-    the first module (in execution order) whose output is not finite, and any non-finite weights or gradients."""
-    model = trainer.model
+    """One forward/backward on the first training batch, as the Trainer runs it (bf16 autocast, checkpointing), with
+    forward hooks: the first module (in execution order) whose output is not finite, and any non-finite weights or
+    gradients. It runs before training, on the initial weights (after a non-finite step they would be NaN too)."""
+    model = trainer.model.train()
+    if trainer.args.gradient_checkpointing:  # as the Trainer's loop will set it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
