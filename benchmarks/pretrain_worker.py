@@ -3,14 +3,20 @@
 Systems:
 - `so8t_hf`: the 1.5B recipe (`recipes/configs/pretrain_1p5b.yaml` through `so8t_hf.pretrain`'s builders and
   `PretrainTrainer`): bf16 weights, bitsandbytes 8-bit AdamW, activation checkpointing, Liger, so8t attention, packed
-  blocks with per-document positions.
-- `hf_trainer`: the same shape as a stock `transformers.Phi3ForCausalLM`, plain `transformers.Trainer`, sdpa, fp32
-  weights under bf16 autocast, fused fp32 AdamW, activation checkpointing, dense 1024-token blocks.
+  blocks with per-document positions. `--flags` change it (e.g. `--optimizer_in_backward true
+  --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_grad_norm 0`).
+- `hf_trainer`: the same shape as a stock `transformers.Phi3ForCausalLM` (built as ours is: `_from_config` on the
+  device, fp32), plain `transformers.Trainer`, sdpa, fp32 weights under bf16 autocast, fused fp32 AdamW, activation
+  checkpointing, dense 1024-token blocks. `--nan_probe`: one forward/backward on the first batch before training,
+  with forward hooks: the first module whose output is not finite, non-finite weights and gradients (JSON `nan_probe`).
 - `size`: the so8t_hf recipe at growing depth (d 2048) under the cap, two optimizer steps each, until one runs out
   of memory: the largest that ran is `max_trainable_params`.
 - `convergence`: one small model (same init, data, order, steps) trained with each memory choice; eval loss vs fp32.
 
-Writes one JSON (`--out`). Timed steps: `StepTimer` (a CUDA sync closes each optimizer step), after `--warmup` steps.
+Writes one JSON (`--out`). Timed steps: `StepTimer` (a CUDA sync closes each optimizer step), after `--warmup` steps;
+each run records step times, losses, gradient norms, peak GiB (allocated, reserved), tokens/s, MFU (6N).
+`--profile_steps N`: torch.profiler (CPU + CUDA) over N more optimizer steps after the timed ones; the JSON's `profile`
+holds the top-25 ops by self device time (table and rows) and the profiled wall, host and device times.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ import gc
 import importlib.util
 import json
 import logging
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -73,8 +81,8 @@ def hf_trainer(a, flags: list[str]):
     shape = model_config(model_args, tokenizer).to_dict()
     for key in ("so8t_layers", "so8t_attn_backend", "model_type", "auto_map", "architectures"):
         shape.pop(key, None)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Phi3ForCausalLM(Phi3Config(**shape, attn_implementation="sdpa"))  # fp32 weights
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # built as ours is (build_model): _from_config
+        model = Phi3ForCausalLM._from_config(Phi3Config(**shape, attn_implementation="sdpa"), dtype=torch.float32)
     targs = TrainingArguments(
         output_dir=a.tmp, per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=args.max_steps,
@@ -89,21 +97,134 @@ def hf_trainer(a, flags: list[str]):
     return trainer, block
 
 
-def timed_train(trainer, block: int, warmup: int) -> dict:
+class ProfileSteps(TrainerCallback):
+    """torch.profiler (CPU + CUDA) over optimizer steps `start + 1 .. start + n` (`summary()`: see the module doc)."""
+
+    def __init__(self, start: int, n: int):
+        self.start, self.n, self.prof, self.wall_s = start, n, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.prof is None and state.global_step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+            self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and self.wall_s is None and state.global_step == self.start + self.n:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.wall_s = time.perf_counter() - self._t0
+            self.prof.__exit__(None, None, None)
+
+    def summary(self, rows: int = 25) -> dict:
+        if self.prof is None or self.wall_s is None:
+            return {"error": "the profiled steps did not run"}
+        events = self.prof.key_averages()
+        device = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        sort = device if torch.cuda.is_available() else "self_cpu_time_total"
+        top = sorted(events, key=lambda e: getattr(e, sort), reverse=True)[:rows]
+        on_cpu = lambda e: e.device_type == torch.autograd.DeviceType.CPU  # noqa: E731 - as the table's footer sums
+        host_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+        device_ms = sum(getattr(e, device) for e in events if not on_cpu(e)) / 1e3  # kernels (and memcpy / memset)
+        wall_ms = self.wall_s * 1e3
+        return dict(
+            steps=self.n, sort_by=sort, wall_ms=wall_ms, host_self_ms=host_ms, device_self_ms=device_ms,
+            device_busy=device_ms / wall_ms if wall_ms else None,
+            line=f"{self.n} optimizer step(s): wall {wall_ms:.1f} ms, host (self CPU, all ops) {host_ms:.1f} ms, device "
+                 f"(self CUDA, all kernels) {device_ms:.1f} ms = {device_ms / wall_ms:.0%} of the wall",
+            top=[dict(name=e.key, count=e.count, self_device_ms=getattr(e, device) / 1e3,
+                      self_cpu_ms=e.self_cpu_time_total / 1e3) for e in top],
+            table=events.table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+
+
+def finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def nan_probe(trainer) -> dict:
+    """One forward/backward on the first training batch, as the Trainer runs it (bf16 autocast, checkpointing), with
+    forward hooks: the first module (in execution order) whose output is not finite, and any non-finite weights or
+    gradients. It runs before training, on the initial weights (after a non-finite step they would be NaN too)."""
+    model = trainer.model.train()
+    if trainer.args.gradient_checkpointing:  # as the Trainer's loop will set it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    first, handles = [], []
+
+    def hook(name):
+        def check(module, args, output):
+            tensors = [output] if isinstance(output, torch.Tensor) else [
+                t for t in (output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list))
+                            else [getattr(output, "logits", None), getattr(output, "loss", None)])
+                if isinstance(t, torch.Tensor)]
+            if not first and any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+                inputs_ok = all(torch.isfinite(a).all().item() for a in args if isinstance(a, torch.Tensor)
+                                and a.is_floating_point())
+                first.append(dict(module=name, type=type(module).__name__, inputs_finite=inputs_ok,
+                                  output_dtype=str(tensors[0].dtype)))
+        return check
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_hook(hook(name or "<model>")))
+    bf16 = trainer.args.bf16 and torch.cuda.is_available()
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = model(**batch)
+        out.loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    bad_grads = [n for n, g in grads if not torch.isfinite(g).all()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for _, g in grads])).item()
+    model.zero_grad(set_to_none=True)
+    result = dict(loss=out.loss.item(), grad_norm=norm, autocast_bf16=bf16, first_nonfinite_module=first[0] if first
+                  else None, nonfinite_params=bad_params[:10], nonfinite_param_count=len(bad_params),
+                  nonfinite_grads=bad_grads[:10], nonfinite_grad_count=len(bad_grads))
+    logger.info("nan probe: %s", result)
+    return result
+
+
+def timed_train(trainer, block: int, warmup: int, steps: int | None = None, profile_steps: int = 0) -> dict:
     args = trainer.args
+    profiler = None
+    if profile_steps:
+        profiler = ProfileSteps(warmup + (steps or 0), profile_steps)
+        trainer.add_callback(profiler)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     times = trainer.step_timer.times or []
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    losses = [e["loss"] for e in logs]
+    grad_norms = [e.get("grad_norm") for e in logs]
     step_times = [e["step_time"] for e in trainer.state.log_history if "step_time" in e] or times
-    timed = step_times[warmup:] or step_times
+    timed = step_times[warmup:warmup + steps] if steps else step_times[warmup:]
+    timed = timed or step_times
     tokens = args.per_device_train_batch_size * args.gradient_accumulation_steps * block
     n = sum(p.numel() for p in trainer.model.parameters())
     tps = tokens / statistics.mean(timed)
-    return dict(params=n, tokens_per_step=tokens, step_times=step_times, losses=losses, tokens_per_s=tps,
+    extra = {}
+    if profiler:
+        try:
+            extra["profile"] = profiler.summary()
+        except Exception as err:  # noqa: BLE001 - a profiler failure must not lose the measured figures
+            logger.exception("profile summary failed")
+            extra["profile"] = {"error": f"{type(err).__name__}: {err}"}
+    return dict(params=n, tokens_per_step=tokens, micro_batch=args.per_device_train_batch_size,
+                accumulation=args.gradient_accumulation_steps, block=block,
+                optimizer_in_backward=getattr(args, "optimizer_in_backward", False),
+                optim=str(getattr(args.optim, "value", args.optim)),
+                max_grad_norm=args.max_grad_norm, step_times=step_times, timed_steps=len(timed), losses=losses,
+                grad_norms=grad_norms, finite=all(finite(x) for x in losses + grad_norms), tokens_per_s=tps, **extra,
                 wall_s=wall, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
                 mfu=6 * n * tps / peak_flops() if torch.cuda.is_available() else None,
@@ -217,6 +338,8 @@ def main(argv=None) -> None:
     p.add_argument("--cap_gib", type=float, default=None)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile_steps", type=int, default=0, help="torch.profiler over N steps after the timed ones")
+    p.add_argument("--nan_probe", action="store_true", help="hf_trainer: probe the first batch for non-finite output")
     p.add_argument("--layers", type=int, nargs="*", default=[24, 28, 32, 36, 40])
     p.add_argument("--conv_hidden", type=int, default=512)
     p.add_argument("--conv_layers", type=int, default=6)
@@ -230,7 +353,9 @@ def main(argv=None) -> None:
     from so8t_hf.pretrain.pipeline import cap_gpu_memory
 
     cap_gpu_memory(a.cap_gib)
-    result = dict(system=a.system, cap_gib=a.cap_gib, flags=a.flags)
+    from bench_pretrain import device, versions  # beside this file
+
+    result = dict(system=a.system, cap_gib=a.cap_gib, flags=a.flags, device=device(), versions=versions())
     try:
         if a.system == "size":
             result.update(run_size(a))
@@ -238,16 +363,22 @@ def main(argv=None) -> None:
             result.update(run_convergence(a))
         else:
             build = so8t_trainer if a.system == "so8t_hf" else hf_trainer
-            trainer, block = build(a, ["--max_steps", str(a.warmup + a.steps), *a.flags])
-            result.update(timed_train(trainer, block, a.warmup), ok=True)
+            trainer, block = build(a, ["--max_steps", str(a.warmup + a.steps + a.profile_steps), *a.flags])
+            if a.nan_probe:
+                result["nan_probe"] = nan_probe(trainer)
+                partial(a, result)
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None  # the probe's blocks: not this run's
+            result.update(timed_train(trainer, block, a.warmup, a.steps, a.profile_steps), ok=True)
     except Exception as err:  # noqa: BLE001 - an OOM under the cap is a result
         if not is_oom(err):
             logger.exception("run failed")
         result.update(ok=False, oom=is_oom(err), error=f"{type(err).__name__}: {str(err)[:400]}",
                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    logger.info("%s -> %s", {k: v for k, v in result.items() if k not in ("step_times", "losses", "trials",
-                                                                         "variants")}, a.out)
+    logger.info("%s -> %s", {k: v for k, v in result.items() if k not in ("step_times", "losses", "trials", "variants",
+                                                                         "profile", "grad_norms")}, a.out)
+    if isinstance(result.get("profile"), dict) and "table" in result["profile"]:
+        logger.info("profile: %s\n%s", result["profile"]["line"], result["profile"]["table"])
 
 
 if __name__ == "__main__":

@@ -151,12 +151,26 @@ class PretrainConfig(SO8TConfig):
         max_memory_gib (`float`, *optional*): cap this process's GPU memory (`torch.cuda.set_per_process_memory_fraction`),
             e.g. 10 to prove a run fits a 10 GB card on a larger one.
         save_best (`bool`, defaults to `True`): keep `best/` (lowest eval_loss so far) beside the checkpoints.
+        optimizer_in_backward (`bool`, defaults to `False`): step each parameter in the backward pass as its gradient
+            arrives (`so8t_hf/pretrain/optimizer_in_backward.py`): no gradient buffer; needs
+            gradient_accumulation_steps 1, max_grad_norm 0, one process, no fp16.
     """
 
     max_memory_gib: float | None = field(
         default=None, metadata={"help": "Cap this process's GPU memory in GiB (set_per_process_memory_fraction)."})
     save_best: bool = field(default=True, metadata={"help": "Keep best/ (lowest eval_loss) beside the checkpoints."})
     log_line: bool = field(default=True, metadata={"help": "Print 'Step | Loss | PPL | LR | Grad | Time' per log."})
+    optimizer_in_backward: bool = field(
+        default=False,
+        metadata={"help": "Step each parameter in backward as its gradient arrives (no gradient buffer: 2 bytes / "
+                          "parameter in bf16). Needs gradient_accumulation_steps 1, max_grad_norm 0, one process."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.optimizer_in_backward:
+            from so8t_hf.pretrain.optimizer_in_backward import check_optimizer_in_backward
+
+            check_optimizer_in_backward(self)  # the settings alone; the process count is checked by the trainer
 
 
 DATACLASS_TYPES = (PretrainModelConfig, PretrainDataConfig, PretrainConfig)

@@ -9,6 +9,7 @@ scheduler, RNG and data position, so `resume_from_checkpoint` continues bit-exac
 Memory (README: Pre-training from scratch): bf16 weights, bitsandbytes 8-bit AdamW states (`optim:
 adamw_bnb_8bit`), activation checkpointing, Liger's fused kernels and the project's attention fit 1.5B
 parameters, trained in full, in 10 GB; `max_memory_gib` caps the process to prove it on a larger GPU.
+`optimizer_in_backward` (`pretrain/optimizer_in_backward.py`) drops the gradient buffer too, for a larger micro-batch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from so8t_hf.modeling import So8tPhi3Config, So8tPhi3ForCausalLM
 from so8t_hf.pretrain.callbacks import BestCheckpointCallback, StepLogCallback, StepTimer
 from so8t_hf.pretrain.config import TINY_TOKENIZER, PretrainConfig, PretrainDataConfig, PretrainModelConfig
 from so8t_hf.pretrain.data import load_documents, pack_documents, split_eval
+from so8t_hf.pretrain.optimizer_in_backward import (
+    OptimizerInBackward,
+    build_optimizer_in_backward,
+    check_optimizer_in_backward,
+)
 from so8t_hf.training.trainer import SO8TTrainer
 
 __all__ = ["PretrainTrainer", "build_model", "build_tokenizer", "cap_gpu_memory", "prepare_training_args",
@@ -113,12 +119,31 @@ def prepare_training_args(args: PretrainConfig, streaming: bool, has_eval: bool)
 
 
 class PretrainTrainer(SO8TTrainer):
-    """`SO8TTrainer` whose training logs carry `step_time` (seconds per optimizer step, `StepTimer`)."""
+    """`SO8TTrainer` whose training logs carry `step_time` (seconds per optimizer step, `StepTimer`); with
+    `optimizer_in_backward` its optimizer is an `OptimizerInBackward` and `grad_norm` comes from its hooks."""
 
     def __init__(self, *pos, step_timer: StepTimer | None = None, **kwargs):
         self.step_timer = step_timer or StepTimer()
         kwargs["callbacks"] = [self.step_timer, *(kwargs.get("callbacks") or [])]
+        self.optimizer_in_backward: OptimizerInBackward | None = None
         super().__init__(*pos, **kwargs)
+        if getattr(self.args, "optimizer_in_backward", False):
+            check_optimizer_in_backward(self.args, self.args.world_size)
+            if self.optimizer is not None:
+                raise ValueError("optimizer_in_backward=true with an optimizer passed to the trainer (optimizers=...): "
+                                 "it builds one optimizer per parameter itself; pass optimizer_cls_and_kwargs instead.")
+
+    def create_optimizer(self, model=None):
+        if not getattr(self.args, "optimizer_in_backward", False):
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            self.optimizer = self.optimizer_in_backward = build_optimizer_in_backward(self, model or self.model)
+        return self.optimizer
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.optimizer_in_backward is not None:  # the hooks' norm: the gradients are gone by now
+            return self.optimizer_in_backward.pop_grad_norm()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training and "loss" in logs:

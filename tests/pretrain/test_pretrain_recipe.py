@@ -84,10 +84,10 @@ def test_report_to_receives_loss_ppl_lr_grad_and_step_time(tmp_path):
         assert math.isclose(entry["perplexity"], math.exp(entry["loss"]), rel_tol=2e-3), entry
 
 
-def _run(tmp_path, name, stop_at=None, resume=None):
+def _run(tmp_path, name, stop_at=None, resume=None, flags=()):
     capture = Capture(stop_at)
     model, data, args = parse("--output_dir", str(tmp_path / name), "--max_steps", "4", "--eval_blocks", "0",
-                              "--save_strategy", "no", "--warmup_steps", "1")
+                              "--save_strategy", "no", "--warmup_steps", "1", *flags)
     args.resume_from_checkpoint = resume
     run_pretrain(model, data, args, callbacks=[capture])
     losses = {e["step"]: e["loss"] for e in (dict(log, step=i) for i, log in enumerate(capture.logs)) if "loss" in e}
@@ -95,11 +95,19 @@ def _run(tmp_path, name, stop_at=None, resume=None):
     return list(losses.values()), dict(final.named_parameters())
 
 
-def test_resume_is_bit_exact_for_data_order_and_optimizer_state(tmp_path):
-    straight, params = _run(tmp_path, "straight")
-    first, _ = _run(tmp_path, "interrupted", stop_at=2)
-    assert (tmp_path / "interrupted" / "checkpoint-2" / "optimizer.pt").is_file()
-    second, resumed = _run(tmp_path, "resumed", resume=str(tmp_path / "interrupted" / "checkpoint-2"))
+OPTIMIZER_IN_BACKWARD = ("--optimizer_in_backward", "true", "--gradient_accumulation_steps", "1", "--max_grad_norm", "0")
+
+
+@pytest.mark.parametrize("flags", [(), OPTIMIZER_IN_BACKWARD], ids=["optimizer_step", "optimizer_in_backward"])
+def test_resume_is_bit_exact_for_data_order_and_optimizer_state(tmp_path, flags):
+    straight, params = _run(tmp_path, "straight", flags=flags)
+    first, _ = _run(tmp_path, "interrupted", stop_at=2, flags=flags)
+    optimizer = tmp_path / "interrupted" / "checkpoint-2" / "optimizer.pt"
+    assert optimizer.is_file()
+    if flags:  # one state per parameter, every one of them saved
+        saved = torch.load(optimizer, weights_only=True)["optimizer_in_backward"]
+        assert set(saved) == set(params) and all(s["state"][0]["step"] == 2 for s in saved.values())
+    second, resumed = _run(tmp_path, "resumed", resume=str(tmp_path / "interrupted" / "checkpoint-2"), flags=flags)
     assert len(straight) == 4 and first == straight[:2]
     assert second == straight[2:]  # the same blocks in the same order, the same optimizer moments
     for name, value in params.items():
