@@ -88,8 +88,8 @@ class SO8TConfig(SFTConfig):
     fused_lora: str = field(
         default="auto",
         metadata={"help": "Each LoRA layer (NF4 dequantise or bf16 base matmul + adapter) as one autograd Function "
-                          "(training/fused_lora.py): 'auto' (the 4-bit QLoRA layers of a CUDA run), 'on' (bf16/fp32 bases "
-                          "too, CPU too) or 'off' (PEFT's forward)."},
+                          "(training/fused_lora.py): 'auto' (every supported layer, 4-bit or bf16/fp32 base, of a CUDA run), "
+                          "'on' (the same, CPU too) or 'off' (PEFT's forward)."},
     )
     sync_free_metrics: bool = field(
         default=True,

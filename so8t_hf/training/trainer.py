@@ -38,6 +38,7 @@ from trl import SFTTrainer
 from so8t_hf.rotation import rotation_health
 from so8t_hf.training.callbacks import ThinkingEvalCallback
 from so8t_hf.training.config import LossHasNoGraphError, SO8TConfig
+from so8t_hf.training.fused_lora import fused_lora_kinds
 from so8t_hf.training.memory import CheckpointPolicyCallback
 from so8t_hf.training.peft_setup import (
     SO8_MODULE,
@@ -124,10 +125,11 @@ class SO8TTrainer(SFTTrainer):
             if uncast:
                 logger.info("LoRA: %d layers take their inputs in the autocast dtype (lora_cast_inputs=False).", uncast)
         self.fused_lora_counts = None
-        if args.fused_lora == "on" or (args.fused_lora == "auto" and torch.cuda.is_available() and not args.use_cpu):
+        kinds = fused_lora_kinds(args.fused_lora, torch.cuda.is_available() and not args.use_cpu)
+        if kinds:
             from so8t_hf.training.fused_lora import enable_fused_lora
 
-            self.fused_lora_counts = enable_fused_lora(self.model, ("nf4", "dense") if args.fused_lora == "on" else ("nf4",))
+            self.fused_lora_counts = enable_fused_lora(self.model, kinds)
         self._pending: list[torch.Tensor] = []  # per-micro-step metric tensors, read at `log`
         self._pending_tokens: list[torch.Tensor] = []
         self._pending_pet: list[torch.Tensor] = []

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from so8t_hf.ops.fast_lora import lora_linear
-from so8t_hf.training.fused_lora import disable_fused_lora, enable_fused_lora
+from so8t_hf.training.fused_lora import disable_fused_lora, enable_fused_lora, fused_lora_kinds
 
 
 class _Block(torch.nn.Module):
@@ -98,3 +98,10 @@ def test_trainer_switch_keeps_the_loss_curve(tmp_path, switch):
             assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (curve, reference)
     else:
         assert trainer.fused_lora_counts is None  # 'off', and 'auto' on a CPU run
+
+
+def test_auto_fuses_float_and_4bit_bases_on_cuda_only():
+    assert fused_lora_kinds("auto", on_cuda=True) == ("nf4", "dense")
+    assert fused_lora_kinds("auto", on_cuda=False) is None
+    assert fused_lora_kinds("on", on_cuda=False) == ("nf4", "dense")
+    assert fused_lora_kinds("off", on_cuda=True) is None
