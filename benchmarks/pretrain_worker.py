@@ -11,7 +11,8 @@ Systems:
   with forward hooks: the first module whose output is not finite, non-finite weights and gradients (JSON `nan_probe`).
 - `size`: the so8t_hf recipe at growing depth (d 2048) under the cap, two optimizer steps each, until one runs out
   of memory: the largest that ran is `max_trainable_params`.
-- `convergence`: one small model (same init, data, order, steps) trained with each memory choice; eval loss vs fp32.
+- `convergence`: one small model (same init, data, order, steps) trained with each memory choice (`VARIANTS`: weights
+  dtype, optimizer, checkpointing + Liger, clipping, optimizer-in-backward; batch 8, no accumulation); eval loss vs fp32.
 
 Writes one JSON (`--out`). Timed steps: `StepTimer` (a CUDA sync closes each optimizer step), after `--warmup` steps;
 each run records step times, losses, gradient norms, peak GiB (allocated, reserved), tokens/s, MFU (6N).
@@ -271,12 +272,14 @@ def run_size(a) -> dict:
                 max_trainable_layers=max((t["layers"] for t in fits), default=None))
 
 
-VARIANTS = {  # name: (weights dtype, optim, checkpointing + Liger)
-    "fp32_adamw": ("float32", "adamw_torch", False),
-    "bf16_weights_fp32_adamw": ("bfloat16", "adamw_torch", False),
-    "fp32_weights_adamw_8bit": ("float32", "adamw_bnb_8bit", False),
-    "bf16_weights_adamw_8bit": ("bfloat16", "adamw_bnb_8bit", False),
-    "recipe_bf16_8bit_checkpointing_liger": ("bfloat16", "adamw_bnb_8bit", True),
+VARIANTS = {  # name: (weights dtype, optim, checkpointing + Liger, max_grad_norm, optimizer_in_backward)
+    "fp32_adamw": ("float32", "adamw_torch", False, 1.0, False),
+    "bf16_weights_fp32_adamw": ("bfloat16", "adamw_torch", False, 1.0, False),
+    "fp32_weights_adamw_8bit": ("float32", "adamw_bnb_8bit", False, 1.0, False),
+    "bf16_weights_adamw_8bit": ("bfloat16", "adamw_bnb_8bit", False, 1.0, False),
+    "bf16_weights_adamw_8bit_no_clipping": ("bfloat16", "adamw_bnb_8bit", False, 0.0, False),
+    "recipe_bf16_8bit_checkpointing_liger": ("bfloat16", "adamw_bnb_8bit", True, 1.0, False),
+    "recipe_optimizer_in_backward": ("bfloat16", "adamw_bnb_8bit", True, 0.0, True),  # the 1.5B yaml's default
 }
 
 
@@ -287,9 +290,9 @@ def run_convergence(a) -> dict:
     from datasets import Dataset
 
     texts = [p.read_text(encoding="utf-8") for p in sorted(REPO.glob("**/*.py")) + sorted(REPO.glob("**/*.md"))
-             if ".venv" not in p.parts and "outputs" not in p.parts]
+             if "outputs" not in p.parts and not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
     results, blocks = {}, None
-    for name, (dtype, optim, fast) in VARIANTS.items():
+    for name, (dtype, optim, fast, clip, in_backward) in VARIANTS.items():
         if optim.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
             logger.warning("convergence %s: bitsandbytes is not installed: skipped", name)
             continue
@@ -301,6 +304,7 @@ def run_convergence(a) -> dict:
              "--max_steps", str(a.steps), "--warmup_steps", "30", "--learning_rate", "1e-3", "--eval_strategy",
              "steps", "--eval_steps", str(a.steps // 4), "--save_strategy", "no", "--logging_steps", "10",
              "--activation_checkpointing", str(fast).lower(), "--use_liger_kernel", str(fast).lower(),
+             "--max_grad_norm", str(clip), "--optimizer_in_backward", str(in_backward).lower(),
              "--disable_tqdm", "true", "--log_line", "false", "--bf16", str(torch.cuda.is_available()).lower(),
              "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8", *a.flags])
         torch.manual_seed(0)
@@ -314,7 +318,8 @@ def run_convergence(a) -> dict:
                                   processing_class=tokenizer)
         trainer.train()
         log = trainer.state.log_history
-        results[name] = dict(dtype=dtype, optim=optim, checkpointing_liger=fast,
+        results[name] = dict(dtype=dtype, optim=optim, checkpointing_liger=fast, max_grad_norm=clip,
+                             optimizer_in_backward=in_backward,
                              eval_loss=[e["eval_loss"] for e in log if "eval_loss" in e],
                              train_loss=[e["loss"] for e in log if "loss" in e],
                              train_tokens=sum(len(ids) for ids in train["input_ids"]), params=sum(p.numel() for p in model.parameters()))
@@ -327,7 +332,7 @@ def run_convergence(a) -> dict:
         r["final_eval_loss_vs_fp32"] = r["eval_loss"][-1] - ref[-1] if ref else None
     return dict(model=f"SO8T-Phi3 d{a.conv_hidden} x {a.conv_layers} layers, tokenizer {a.tokenizer}",
                 device="cuda" if torch.cuda.is_available() else "cpu", steps=a.steps, tokens_per_step=8 * a.conv_seq,
-                data=f"this repository's .py and .md files, packed {a.conv_seq}-token blocks, {a.conv_eval_blocks} held out, same order",
+                data=f"this repository's .py and .md files, packed {a.conv_seq}-token blocks, {a.conv_eval_blocks} held out, same order (no hidden folders)",
                 lr="1e-3, 30 warm-up steps, cosine", variants=results)
 
 
