@@ -220,10 +220,13 @@ def row(name: str, r: dict, call: int) -> dict:
 
 
 def from_old_format(old: dict) -> dict:
-    """An earlier results file without `rows` (one call): its runs as rows of call 0."""
+    """An earlier results file without `rows` (one call): its runs as rows of call 0. That format predates
+    optimizer_in_backward: its so8t_hf run is the recipe of then, 1 x 1024 x accumulation 16 (its `config` says so)."""
     call = {k: old.get(k) for k in ("device", "versions", "command", "cap_gib", "wall_s")}
     call["notes"] = old.get("notes") or []
-    runs = {"so8t_hf": old.get("so8t_hf"), "so8t_hf_b4x4": old.get("so8t_hf_b4x4"),
+    then = dict(micro_batch=1, accumulation=16, optimizer_in_backward=False, block=1024)
+    recipe = old.get("so8t_hf") and {**then, **{k: v for k, v in old["so8t_hf"].items() if v is not None}}
+    runs = {"so8t_hf": recipe, "so8t_hf_b4x4": old.get("so8t_hf_b4x4"),
             "hf_trainer_capped": (old.get("baseline") or {}).get("capped"),
             "hf_trainer_uncapped": (old.get("baseline") or {}).get("uncapped")}
     rows = [row(name, r, 0) for name, r in runs.items() if r and "not run" not in str(r.get("error"))]
