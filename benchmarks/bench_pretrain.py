@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -161,7 +162,9 @@ def main(argv=None) -> None:
     p.add_argument("--note", action="append", default=[], help="a note for the results files")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
-    a.command = "python benchmarks/bench_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = list(argv if argv is not None else sys.argv[1:])  # the notes are in `notes`: elided here
+    a.command = "python benchmarks/bench_pretrain.py " + shlex.join(
+        "<note>" if i and given[i - 1] == "--note" else t for i, t in enumerate(given))
     tiny = ["--hidden_size", "64", "--num_attention_heads", "4", "--num_key_value_heads", "4", "--intermediate_size",
             "128", "--max_length", "64", "--dtype", "float32", "--optim", "adamw_torch", "--bf16", "false",
             "--use_liger_kernel", "false", "--num_hidden_layers", "2", "--gradient_accumulation_steps", "1",
