@@ -3,7 +3,7 @@
 loss cost of each memory choice against fp32 AdamW (a small model, same data and steps).
 
     python benchmarks/bench_pretrain.py --tokenizer .fixtures/phi35-tokenizer --cap_gib 10 --out $OUT
-    python benchmarks/bench_pretrain.py ... --only so8t_hf_oib16 so8t_hf hf_trainer_uncapped --profile so8t_hf_oib16 \
+    python benchmarks/bench_pretrain.py ... --only so8t_hf so8t_hf_acc16 hf_trainer_uncapped --profile so8t_hf \
         --profile_steps 1 --nan_probe --run_timeout 120 --merge_into benchmarks/results/pretrain_h100.json --out $OUT
 
 Runs (`RUNS`; one process each, `pretrain_worker.py`):
