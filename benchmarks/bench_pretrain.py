@@ -3,26 +3,30 @@
 loss cost of each memory choice against fp32 AdamW (a small model, same data and steps).
 
     python benchmarks/bench_pretrain.py --tokenizer .fixtures/phi35-tokenizer --cap_gib 10 --out $OUT
-    python benchmarks/bench_pretrain.py ... --only so8t_hf_oib16 so8t_hf hf_trainer_uncapped --profile so8t_hf_oib16 \
+    python benchmarks/bench_pretrain.py ... --only so8t_hf so8t_hf_acc16 hf_trainer_uncapped --profile so8t_hf \
         --profile_steps 1 --nan_probe --run_timeout 120 --merge_into benchmarks/results/pretrain_h100.json --out $OUT
 
 Runs (`RUNS`; one process each, `pretrain_worker.py`):
-- `so8t_hf`: recipe `pretrain_1p5b.yaml` (batch 1 x 1024, accumulation 16) under the cap; `so8t_hf_b4x4`: the same
-  tokens per step as batch 4 x accumulation 4.
-- `so8t_hf_oib16`, `so8t_hf_oib8`: the recipe with `optimizer_in_backward` (no gradient buffer), batch 16 x 1024
-  (the same 16,384 tokens per step) or 8 x 1024, no accumulation, `max_grad_norm 0`, under the cap.
-- `hf_trainer_uncapped`, `hf_trainer_capped`: the stock baseline without and with the cap.
-- `size`: depth 24, 25, 26, ... at d 2048 under the cap until one runs out of memory -> `max_trainable_params_10gib`.
-- `convergence`: fp32 AdamW vs bf16 weights, 8-bit AdamW states, both, and the recipe's full set (+ checkpointing,
-  Liger), eval loss at the same steps.
-Without `--only`: the timed runs alone on the GPU one after another (the capped baseline's OOM check beside the first),
-then the size search and the convergence comparison side by side, within `--budget_s`. With `--only`: just those runs,
-one after another in that order, each killed at `--run_timeout`.
+- `so8t_hf`: the recipe `pretrain_1p5b.yaml` as configured, under the cap (since its optimizer-in-backward default:
+  16 x 1024, no accumulation, no clipping; rows of earlier calls named so8t_hf were 1 x 1024 x accumulation 16: each
+  row's label comes from the micro-batch, accumulation and optimizer_in_backward its run recorded).
+- `so8t_hf_acc16`: the recipe's earlier setting, optimizer step after backward, 1 x 1024 x accumulation 16, clipping
+  1.0; `so8t_hf_b4x4`: the same as 4 x 1024 x accumulation 4.
+- `so8t_hf_oib16`, `so8t_hf_oib8`: `optimizer_in_backward` (no gradient buffer), batch 16 x 1024 (the same 16,384
+  tokens per step; what `so8t_hf` runs now, kept under its own name) or 8 x 1024, no accumulation, `max_grad_norm 0`.
+- `hf_trainer_uncapped`, `hf_trainer_capped`: the stock baseline without and with the cap, 1 x 1024 x accumulation 16.
+- `size`: depth 24, 25, 26, ... at d 2048 under the cap, the recipe as configured, until one fails to train 2 optimizer
+  steps (out of memory) -> `max_trainable_params_10gib`.
+- `convergence`: fp32 AdamW vs bf16 weights, 8-bit AdamW states, both, without clipping, the recipe's full set (+
+  checkpointing, Liger) and with optimizer-in-backward, eval loss at the same steps.
+Without `--only`: the timed runs (`TIMED`) alone on the GPU one after another (the capped baseline's OOM check beside
+the first), then the size search and the convergence comparison side by side, within `--budget_s`. With `--only`: just
+those runs, one after another in that order, each killed at `--run_timeout`.
 
 Writes `pretrain_h100.json` and `pretrain_h100.md` into --out (device, versions, command, figures), each run's JSON and
 log under --out/runs. `--merge_into FILE`: the earlier results file's rows, size search and convergence stay; this
 call's runs are added as new rows (its `calls` entry: device, versions, command), and a run not made here keeps its
-earlier figures.
+earlier figures; the headline run stays the earlier file's unless `--headline` names another.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -37,18 +42,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OIB = ["--optimizer_in_backward", "true", "--gradient_accumulation_steps", "1", "--max_grad_norm", "0"]
-RUNS = {  # name: (label, worker arguments; the cap and the steps are added by `worker_args`)
-    "so8t_hf": ("so8t_hf recipe, 1 x 1024 x acc 16, cap", ["--system", "so8t_hf"]),
-    "so8t_hf_b4x4": ("so8t_hf, 4 x 1024 x acc 4, cap", ["--system", "so8t_hf", "--flags", "--per_device_train_batch_size",
-                                                       "4", "--gradient_accumulation_steps", "4"]),
+AFTER_BACKWARD = ["--optimizer_in_backward", "false", "--max_grad_norm", "1.0"]  # one optimizer step, clipping
+ACC16 = [*AFTER_BACKWARD, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "16"]
+RUNS = {  # name: (label if the run recorded no settings, worker arguments; cap and steps added by `worker_args`)
+    "so8t_hf": ("so8t_hf recipe as configured, cap", ["--system", "so8t_hf"]),
+    "so8t_hf_acc16": ("so8t_hf, 1 x 1024 x acc 16, cap", ["--system", "so8t_hf", "--flags", *ACC16]),
+    "so8t_hf_b4x4": ("so8t_hf, 4 x 1024 x acc 4, cap", ["--system", "so8t_hf", "--flags", *AFTER_BACKWARD,
+                                                       "--per_device_train_batch_size", "4",
+                                                       "--gradient_accumulation_steps", "4"]),
     "so8t_hf_oib16": ("so8t_hf + optimizer in backward, 16 x 1024 x acc 1, cap",
                       ["--system", "so8t_hf", "--flags", *OIB, "--per_device_train_batch_size", "16"]),
     "so8t_hf_oib8": ("so8t_hf + optimizer in backward, 8 x 1024 x acc 1, cap",
                      ["--system", "so8t_hf", "--flags", *OIB, "--per_device_train_batch_size", "8"]),
-    "hf_trainer_capped": ("HF Trainer + sdpa + AdamW, cap", ["--system", "hf_trainer"]),
-    "hf_trainer_uncapped": ("HF Trainer + sdpa + AdamW, no cap", ["--system", "hf_trainer"]),
+    "hf_trainer_capped": ("HF Trainer + sdpa + AdamW, cap", ["--system", "hf_trainer", "--flags", *ACC16]),
+    "hf_trainer_uncapped": ("HF Trainer + sdpa + AdamW, no cap", ["--system", "hf_trainer", "--flags", *ACC16]),
 }
-TIMED = [name for name in RUNS if name != "hf_trainer_capped"]
+PER_RUN_KEYS = ("so8t_hf", "so8t_hf_acc16", "so8t_hf_b4x4", "so8t_hf_oib16", "so8t_hf_oib8")  # top-level result keys
+# timed without --only (so8t_hf_oib16 is what so8t_hf runs now: only by name, with --only)
+TIMED = ["so8t_hf", "so8t_hf_acc16", "so8t_hf_b4x4", "so8t_hf_oib8", "hf_trainer_uncapped"]
 ROW_KEYS = ("ok", "params", "peak_gib", "peak_reserved_gib", "tokens_per_s", "mfu", "mfu_non_embedding",
             "tokens_per_step", "micro_batch", "accumulation", "optimizer_in_backward", "step_times", "timed_steps",
             "losses", "grad_norms", "finite", "oom", "error")
@@ -146,11 +157,14 @@ def main(argv=None) -> None:
     p.add_argument("--compose", action="store_true", help="only write the results files from --out/runs")
     p.add_argument("--merge_into", help="an earlier results JSON whose rows, size search and convergence stay")
     p.add_argument("--convergence_json", help="the convergence result of a separate run (e.g. on the CPU)")
-    p.add_argument("--headline", default="so8t_hf", help="the run whose figures are the top-level params / mfu")
+    p.add_argument("--headline", help="the run whose figures are the top-level params / mfu (default: the --merge_into "
+                   "file's headline run, else so8t_hf)")
     p.add_argument("--note", action="append", default=[], help="a note for the results files")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
-    a.command = "python benchmarks/bench_pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = list(argv if argv is not None else sys.argv[1:])  # the notes are in `notes`: elided here
+    a.command = "python benchmarks/bench_pretrain.py " + shlex.join(
+        "<note>" if i and given[i - 1] == "--note" else t for i, t in enumerate(given))
     tiny = ["--hidden_size", "64", "--num_attention_heads", "4", "--num_key_value_heads", "4", "--intermediate_size",
             "128", "--max_length", "64", "--dtype", "float32", "--optim", "adamw_torch", "--bf16", "false",
             "--use_liger_kernel", "false", "--num_hidden_layers", "2", "--gradient_accumulation_steps", "1",
@@ -171,7 +185,7 @@ def main(argv=None) -> None:
             args = worker_args(name, a, tiny) if name in RUNS else side[name]
             wait([launch(name, args, a, max(10.0, min(limits.get(name, default), left() - 15)))])
         return compose(a, start)
-    shares = {"so8t_hf": 0.17, "so8t_hf_b4x4": 0.12, "so8t_hf_oib16": 0.15, "so8t_hf_oib8": 0.12,
+    shares = {"so8t_hf": 0.15, "so8t_hf_acc16": 0.17, "so8t_hf_b4x4": 0.12, "so8t_hf_oib8": 0.12,
               "hf_trainer_uncapped": 0.15}  # of --budget_s; the size search and convergence get what is left
     timed = [name for name in TIMED if name not in a.skip]
     a.ran = [*timed, "hf_trainer_capped", *[n for n in side if n not in a.skip]]
@@ -185,9 +199,19 @@ def main(argv=None) -> None:
     compose(a, start)
 
 
+def label(name: str, r: dict) -> str:
+    """A row's label: for so8t_hf runs, the micro-batch, accumulation and optimizer_in_backward the run recorded (what
+    `so8t_hf` means changed with the recipe's default); else, or without them, the label in `RUNS`."""
+    if not name.startswith("so8t_hf") or r.get("micro_batch") is None or r.get("accumulation") is None:
+        return RUNS.get(name, (name,))[0]
+    what = ("so8t_hf recipe" if name == "so8t_hf" else "so8t_hf") + (
+        " + optimizer in backward" if r.get("optimizer_in_backward") else "")
+    return f"{what}, {r['micro_batch']} x {r.get('block') or 1024} x acc {r['accumulation']}, cap"
+
+
 def row(name: str, r: dict, call: int) -> dict:
     """One results row: the run's figures (and its profile summary / NaN probe) from its JSON."""
-    out = {"name": name, "label": RUNS.get(name, (name,))[0], "call": call, **{k: r.get(k) for k in ROW_KEYS}}
+    out = {"name": name, "label": label(name, r), "call": call, **{k: r.get(k) for k in ROW_KEYS}}
     profile = r.get("profile")
     if isinstance(profile, dict):
         out["profile"] = {k: profile.get(k) for k in ("steps", "wall_ms", "host_self_ms", "device_self_ms",
@@ -199,10 +223,13 @@ def row(name: str, r: dict, call: int) -> dict:
 
 
 def from_old_format(old: dict) -> dict:
-    """An earlier results file without `rows` (one call): its runs as rows of call 0."""
+    """An earlier results file without `rows` (one call): its runs as rows of call 0. That format predates
+    optimizer_in_backward: its so8t_hf run is the recipe of then, 1 x 1024 x accumulation 16 (its `config` says so)."""
     call = {k: old.get(k) for k in ("device", "versions", "command", "cap_gib", "wall_s")}
     call["notes"] = old.get("notes") or []
-    runs = {"so8t_hf": old.get("so8t_hf"), "so8t_hf_b4x4": old.get("so8t_hf_b4x4"),
+    then = dict(micro_batch=1, accumulation=16, optimizer_in_backward=False, block=1024)
+    recipe = old.get("so8t_hf") and {**then, **{k: v for k, v in old["so8t_hf"].items() if v is not None}}
+    runs = {"so8t_hf": recipe, "so8t_hf_b4x4": old.get("so8t_hf_b4x4"),
             "hf_trainer_capped": (old.get("baseline") or {}).get("capped"),
             "hf_trainer_uncapped": (old.get("baseline") or {}).get("uncapped")}
     rows = [row(name, r, 0) for name, r in runs.items() if r and "not run" not in str(r.get("error"))]
@@ -233,19 +260,21 @@ def compose(a, start: float) -> None:
             "wall_s": time.time() - start, "notes": a.note, "date": time.strftime("%Y-%m-%d")}
     calls.append(call)
     rows += [row(name, r[name], len(calls) - 1) for name in ran if name in RUNS]
-    head = latest(rows, a.headline)
+    headline = a.headline or ((old or {}).get("headline") or {}).get("run") or "so8t_hf"
+    head = latest(rows, headline)
     size = r.get("size") or {}
     conv = r.get("convergence")
     result = {
         "device": call["device"], "versions": call["versions"], "cap_gib": a.cap_gib, "command": a.command,
         "config": "recipes/configs/pretrain_1p5b.yaml (bf16 weights, adamw_bnb_8bit, activation checkpointing, Liger, "
-                  "so8t attention, packed 1024-token blocks, batch 1 x accumulation 16); the so8t_hf_oib rows add "
-                  "optimizer_in_backward with a larger micro-batch and no accumulation",
-        "headline": {"run": a.headline, "call": head.get("call")},
+                  "so8t attention, packed 1024-token blocks; optimizer_in_backward, batch 16 x 1024, no accumulation, "
+                  "no clipping; until 2026-12-07 batch 1 x accumulation 16, clipping 1.0, as the so8t_hf rows of "
+                  "calls 0 and 1 ran: each row's label, micro_batch, accumulation and optimizer_in_backward say which)",
+        "headline": {"run": headline, "call": head.get("call")},
         "params": head.get("params"), "peak_gib": head.get("peak_gib"),
         "tokens_per_s": head.get("tokens_per_s"), "mfu": head.get("mfu"),
-        **{name: {k: v for k, v in latest(rows, name).items() if k in ROW_KEYS + ("call",)}
-           for name in ("so8t_hf", "so8t_hf_b4x4", "so8t_hf_oib16", "so8t_hf_oib8")},
+        **{name: {k: v for k, v in latest(rows, name).items() if k in ROW_KEYS + ("call", "label")}
+           for name in PER_RUN_KEYS},
         "baseline": {"system": BASELINE, "capped": latest(rows, "hf_trainer_capped"),
                      "uncapped": latest(rows, "hf_trainer_uncapped")},
         "max_trainable_params_10gib": size.get("max_trainable_params") if size.get("trials") else
@@ -259,7 +288,7 @@ def compose(a, start: float) -> None:
         "notes": [*((old or {}).get("notes") or []), *a.note],
         "calls": calls, "rows": rows,
     }
-    for key in ("so8t_hf", "so8t_hf_b4x4", "so8t_hf_oib16", "so8t_hf_oib8"):
+    for key in PER_RUN_KEYS:
         result[key].pop("step_times", None)  # the rows keep them
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

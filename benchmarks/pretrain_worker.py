@@ -2,18 +2,19 @@
 
 Systems:
 - `so8t_hf`: the 1.5B recipe (`recipes/configs/pretrain_1p5b.yaml` through `so8t_hf.pretrain`'s builders and
-  `PretrainTrainer`): bf16 weights, bitsandbytes 8-bit AdamW, activation checkpointing, Liger, so8t attention, packed
-  blocks with per-document positions. `--flags` change it (e.g. `--optimizer_in_backward true
-  --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_grad_norm 0`).
+  `PretrainTrainer`): bf16 weights, bitsandbytes 8-bit AdamW, optimizer in backward at 16 x 1024, activation
+  checkpointing, Liger, so8t attention, packed blocks with per-document positions. `--flags` change it (e.g.
+  `--optimizer_in_backward false --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --max_grad_norm 1`).
 - `hf_trainer`: the same shape as a stock `transformers.Phi3ForCausalLM` (built as ours is: `_from_config` on the
   device, fp32), plain `transformers.Trainer`, sdpa, fp32 weights under bf16 autocast, fused fp32 AdamW, activation
   checkpointing, dense 1024-token blocks. `--nan_probe`: one forward/backward on the first batch before training,
   with forward hooks: the first module whose output is not finite, non-finite weights and gradients (JSON `nan_probe`).
-- `size`: the so8t_hf recipe at growing depth (d 2048) under the cap, two optimizer steps each, until one runs out
-  of memory: the largest that ran is `max_trainable_params`.
-- `convergence`: one small model (same init, data, order, steps) trained with each memory choice; eval loss vs fp32.
+- `size`: the so8t_hf recipe as configured (and `--flags`) at growing depth (d 2048) under the cap, two optimizer
+  steps each, until one runs out of memory: the largest that ran is `max_trainable_params`.
+- `convergence`: one small model (same init, data, order, steps) trained with each memory choice (`VARIANTS`: weights
+  dtype, optimizer, checkpointing + Liger, clipping, optimizer-in-backward; batch 8, no accumulation); eval loss vs fp32.
 
-Writes one JSON (`--out`). Timed steps: `StepTimer` (a CUDA sync closes each optimizer step), after `--warmup` steps;
+Writes one JSON (`--out`), with the run's micro-batch, accumulation and optimizer_in_backward even when it fails. Timed steps: `StepTimer` (a CUDA sync closes each optimizer step), after `--warmup` steps;
 each run records step times, losses, gradient norms, peak GiB (allocated, reserved), tokens/s, MFU (6N).
 `--profile_steps N`: torch.profiler (CPU + CUDA) over N more optimizer steps after the timed ones; the JSON's `profile`
 holds the top-25 ops by self device time (table and rows) and the profiled wall, host and device times.
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 logger = logging.getLogger("pretrain_worker")
 CONFIG = REPO / "recipes" / "configs" / "pretrain_1p5b.yaml"
+SETTINGS: dict = {}  # the last parsed run's micro-batch, accumulation, optimizer_in_backward (kept if the run fails)
 
 
 def parse_recipe(tokenizer: str, out_dir: str, flags: list[str]):
@@ -50,6 +52,9 @@ def parse_recipe(tokenizer: str, out_dir: str, flags: list[str]):
         ["--config", str(CONFIG), "--tokenizer_name_or_path", tokenizer, "--output_dir", out_dir, "--eval_blocks", "0",
          "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
          "--dataloader_num_workers", "0", "--log_line", "false", *flags])
+    SETTINGS.update(micro_batch=args.per_device_train_batch_size, accumulation=args.gradient_accumulation_steps,
+                    optimizer_in_backward=args.optimizer_in_backward, max_grad_norm=args.max_grad_norm,
+                    block=args.max_length)
     return model_args, PretrainDataConfig(dummy_documents=6000), args  # the yaml's data: dummy documents here
 
 
@@ -252,8 +257,7 @@ def run_size(a) -> dict:
     for layers in a.layers:
         trainer = None
         try:
-            trainer, block = so8t_trainer(a, ["--max_steps", "2", "--gradient_accumulation_steps", "2", *a.flags],
-                                          layers=layers)
+            trainer, block = so8t_trainer(a, ["--max_steps", "2", *a.flags], layers=layers)  # the recipe as configured
             result = timed_train(trainer, block, 0)
             trials.append(dict(layers=layers, params=result["params"], peak_gib=result["peak_gib"],
                                peak_reserved_gib=result["peak_reserved_gib"], fits=True))
@@ -271,12 +275,14 @@ def run_size(a) -> dict:
                 max_trainable_layers=max((t["layers"] for t in fits), default=None))
 
 
-VARIANTS = {  # name: (weights dtype, optim, checkpointing + Liger)
-    "fp32_adamw": ("float32", "adamw_torch", False),
-    "bf16_weights_fp32_adamw": ("bfloat16", "adamw_torch", False),
-    "fp32_weights_adamw_8bit": ("float32", "adamw_bnb_8bit", False),
-    "bf16_weights_adamw_8bit": ("bfloat16", "adamw_bnb_8bit", False),
-    "recipe_bf16_8bit_checkpointing_liger": ("bfloat16", "adamw_bnb_8bit", True),
+VARIANTS = {  # name: (weights dtype, optim, checkpointing + Liger, max_grad_norm, optimizer_in_backward)
+    "fp32_adamw": ("float32", "adamw_torch", False, 1.0, False),
+    "bf16_weights_fp32_adamw": ("bfloat16", "adamw_torch", False, 1.0, False),
+    "fp32_weights_adamw_8bit": ("float32", "adamw_bnb_8bit", False, 1.0, False),
+    "bf16_weights_adamw_8bit": ("bfloat16", "adamw_bnb_8bit", False, 1.0, False),
+    "bf16_weights_adamw_8bit_no_clipping": ("bfloat16", "adamw_bnb_8bit", False, 0.0, False),
+    "recipe_bf16_8bit_checkpointing_liger": ("bfloat16", "adamw_bnb_8bit", True, 1.0, False),
+    "recipe_optimizer_in_backward": ("bfloat16", "adamw_bnb_8bit", True, 0.0, True),  # the 1.5B yaml's default
 }
 
 
@@ -287,9 +293,9 @@ def run_convergence(a) -> dict:
     from datasets import Dataset
 
     texts = [p.read_text(encoding="utf-8") for p in sorted(REPO.glob("**/*.py")) + sorted(REPO.glob("**/*.md"))
-             if ".venv" not in p.parts and "outputs" not in p.parts]
+             if "outputs" not in p.parts and not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
     results, blocks = {}, None
-    for name, (dtype, optim, fast) in VARIANTS.items():
+    for name, (dtype, optim, fast, clip, in_backward) in VARIANTS.items():
         if optim.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
             logger.warning("convergence %s: bitsandbytes is not installed: skipped", name)
             continue
@@ -301,6 +307,7 @@ def run_convergence(a) -> dict:
              "--max_steps", str(a.steps), "--warmup_steps", "30", "--learning_rate", "1e-3", "--eval_strategy",
              "steps", "--eval_steps", str(a.steps // 4), "--save_strategy", "no", "--logging_steps", "10",
              "--activation_checkpointing", str(fast).lower(), "--use_liger_kernel", str(fast).lower(),
+             "--max_grad_norm", str(clip), "--optimizer_in_backward", str(in_backward).lower(),
              "--disable_tqdm", "true", "--log_line", "false", "--bf16", str(torch.cuda.is_available()).lower(),
              "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8", *a.flags])
         torch.manual_seed(0)
@@ -314,7 +321,8 @@ def run_convergence(a) -> dict:
                                   processing_class=tokenizer)
         trainer.train()
         log = trainer.state.log_history
-        results[name] = dict(dtype=dtype, optim=optim, checkpointing_liger=fast,
+        results[name] = dict(dtype=dtype, optim=optim, checkpointing_liger=fast, max_grad_norm=clip,
+                             optimizer_in_backward=in_backward,
                              eval_loss=[e["eval_loss"] for e in log if "eval_loss" in e],
                              train_loss=[e["loss"] for e in log if "loss" in e],
                              train_tokens=sum(len(ids) for ids in train["input_ids"]), params=sum(p.numel() for p in model.parameters()))
@@ -327,7 +335,7 @@ def run_convergence(a) -> dict:
         r["final_eval_loss_vs_fp32"] = r["eval_loss"][-1] - ref[-1] if ref else None
     return dict(model=f"SO8T-Phi3 d{a.conv_hidden} x {a.conv_layers} layers, tokenizer {a.tokenizer}",
                 device="cuda" if torch.cuda.is_available() else "cpu", steps=a.steps, tokens_per_step=8 * a.conv_seq,
-                data=f"this repository's .py and .md files, packed {a.conv_seq}-token blocks, {a.conv_eval_blocks} held out, same order",
+                data=f"this repository's .py and .md files, packed {a.conv_seq}-token blocks, {a.conv_eval_blocks} held out, same order (no hidden folders)",
                 lr="1e-3, 30 warm-up steps, cosine", variants=results)
 
 
@@ -372,6 +380,7 @@ def main(argv=None) -> None:
     except Exception as err:  # noqa: BLE001 - an OOM under the cap is a result
         if not is_oom(err):
             logger.exception("run failed")
+        result.update({k: v for k, v in SETTINGS.items() if a.system in ("so8t_hf", "hf_trainer")})
         result.update(ok=False, oom=is_oom(err), error=f"{type(err).__name__}: {str(err)[:400]}",
                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

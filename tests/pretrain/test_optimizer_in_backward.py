@@ -19,8 +19,9 @@ from so8t_hf.pretrain.optimizer_in_backward import (
 )
 
 CONFIG = REPO / "recipes" / "configs" / "pretrain_tiny.yaml"
-OIB = ["--optimizer_in_backward", "true"]
+OIB = ["--optimizer_in_backward", "true"]  # the tiny config's default, stated
 PLAIN_STEP = ["--gradient_accumulation_steps", "1", "--max_grad_norm", "0"]  # what optimizer-in-backward needs
+AFTER_BACKWARD = ["--optimizer_in_backward", "false"]  # one optimizer step after the backward
 
 
 def parse(*flags):
@@ -61,7 +62,7 @@ def _train(tmp_path, name, *flags):
 
 
 def test_matches_a_plain_adamw_step_and_moves_every_parameter(tmp_path):
-    plain, plain_params = _train(tmp_path, "plain")
+    plain, plain_params = _train(tmp_path, "plain", *AFTER_BACKWARD)
     oib, oib_params = _train(tmp_path, "oib", *OIB)
     assert len(oib.logs) == len(plain.logs) == 5
     for a, b in zip(plain.logs, oib.logs):
@@ -170,7 +171,7 @@ def test_a_passed_optimizer_is_refused(tmp_path):
 
 def test_bitsandbytes_8bit_adamw_per_parameter_keeps_embeddings_32bit_and_matches(tmp_path):
     pytest.importorskip("bitsandbytes")
-    plain, plain_params = _train(tmp_path, "plain", "--optim", "adamw_bnb_8bit")
+    plain, plain_params = _train(tmp_path, "plain", "--optim", "adamw_bnb_8bit", *AFTER_BACKWARD)
     states = {}
 
     class States(TrainerCallback):

@@ -130,8 +130,10 @@ def test_bad_rows_and_sources_name_file_line_and_field(tmp_path):
         load_documents(PretrainDataConfig(dataset_path=[str(tmp_path / "missing.jsonl")]))
 
 
-@pytest.mark.parametrize("name, params, length", [("pretrain_1p5b.yaml", 1.516e9, 1024), ("pretrain_1b.yaml", 0.995e9, 512)])
-def test_shipped_configs_parse_to_the_sizes_they_name(name, params, length):
+@pytest.mark.parametrize("name, params, length, batch, accumulation, in_backward", [
+    ("pretrain_1p5b.yaml", 1.516e9, 1024, 16, 1, True),  # optimizer in backward: the same 16,384 tokens per step
+    ("pretrain_1b.yaml", 0.995e9, 512, 1, 16, False)])
+def test_shipped_configs_parse_to_the_sizes_they_name(name, params, length, batch, accumulation, in_backward):
     from paths import REPO
 
     from so8t_hf.pretrain import make_parser
@@ -142,7 +144,9 @@ def test_shipped_configs_parse_to_the_sizes_they_name(name, params, length):
     n = estimate_params(model.hidden_size, model.num_hidden_layers, model.num_attention_heads,
                         model.num_key_value_heads, model.intermediate_size, 32064)
     assert n == pytest.approx(params, rel=1e-3)
-    assert args.max_length == length and args.per_device_train_batch_size == 1
-    assert args.gradient_accumulation_steps == 16 and args.learning_rate == 3e-4 and args.warmup_steps == 2000
+    assert args.max_length == length and args.per_device_train_batch_size == batch
+    assert args.gradient_accumulation_steps == accumulation and args.optimizer_in_backward is in_backward
+    assert args.max_grad_norm == (0 if in_backward else 1.0)  # in backward there is no global clipping
+    assert args.learning_rate == 3e-4 and args.warmup_steps == 2000
     assert args.num_train_epochs == 10 and args.save_steps == 2000 and args.optim == "adamw_bnb_8bit"
     assert args.bf16 and args.activation_checkpointing and model.dtype == "bfloat16"

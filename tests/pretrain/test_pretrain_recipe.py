@@ -70,10 +70,18 @@ def test_pretrain_test_recipe_runs_logs_and_saves_loadable_checkpoints(tmp_path,
     assert torch.count_nonzero(rotation) > 0  # the SO(8) generators trained from zero
 
 
-def test_report_to_receives_loss_ppl_lr_grad_and_step_time(tmp_path):
+# the tiny config's default (as the 1.5B config's): optimizer in backward, no accumulation, no clipping; and the
+# optimizer step after backward, with the accumulation and clipping it allows
+OPTIMIZER_STEP = ("--optimizer_in_backward", "false", "--per_device_train_batch_size", "2",
+                  "--gradient_accumulation_steps", "2", "--max_grad_norm", "1.0")
+
+
+@pytest.mark.parametrize("flags", [(), OPTIMIZER_STEP], ids=["optimizer_in_backward", "optimizer_step_accumulation"])
+def test_report_to_receives_loss_ppl_lr_grad_and_step_time(tmp_path, flags):
     capture = Capture()
     model, data, args = parse("--output_dir", str(tmp_path), "--max_steps", "3", "--eval_blocks", "0",
-                              "--save_strategy", "no", "--gradient_accumulation_steps", "2")
+                              "--save_strategy", "no", *flags)
+    assert args.optimizer_in_backward is not bool(flags)
     run_pretrain(model, data, args, callbacks=[capture])
     logs = [entry for entry in capture.logs if "loss" in entry]
     assert len(logs) == 3
@@ -95,18 +103,18 @@ def _run(tmp_path, name, stop_at=None, resume=None, flags=()):
     return list(losses.values()), dict(final.named_parameters())
 
 
-OPTIMIZER_IN_BACKWARD = ("--optimizer_in_backward", "true", "--gradient_accumulation_steps", "1", "--max_grad_norm", "0")
-
-
-@pytest.mark.parametrize("flags", [(), OPTIMIZER_IN_BACKWARD], ids=["optimizer_step", "optimizer_in_backward"])
+@pytest.mark.parametrize("flags", [(), OPTIMIZER_STEP], ids=["optimizer_in_backward", "optimizer_step"])
 def test_resume_is_bit_exact_for_data_order_and_optimizer_state(tmp_path, flags):
     straight, params = _run(tmp_path, "straight", flags=flags)
     first, _ = _run(tmp_path, "interrupted", stop_at=2, flags=flags)
     optimizer = tmp_path / "interrupted" / "checkpoint-2" / "optimizer.pt"
     assert optimizer.is_file()
-    if flags:  # one state per parameter, every one of them saved
-        saved = torch.load(optimizer, weights_only=True)["optimizer_in_backward"]
+    saved = torch.load(optimizer, weights_only=True)
+    if not flags:  # the default: one state per parameter, every one of them saved
+        saved = saved["optimizer_in_backward"]
         assert set(saved) == set(params) and all(s["state"][0]["step"] == 2 for s in saved.values())
+    else:
+        assert "optimizer_in_backward" not in saved and saved["state"][0]["step"] == 2
     second, resumed = _run(tmp_path, "resumed", resume=str(tmp_path / "interrupted" / "checkpoint-2"), flags=flags)
     assert len(straight) == 4 and first == straight[:2]
     assert second == straight[2:]  # the same blocks in the same order, the same optimizer moments
