@@ -3,8 +3,11 @@ figures, checkpoints loadable with remote code, the best checkpoint, bit-exact r
 
 import json
 import math
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +150,18 @@ def test_cli_pretrain_uses_the_recipe_parser(capsys):
     assert "so8t-hf pretrain" in out and "--dummy_documents" in out and "--max_memory_gib" in out
     with pytest.raises(ValueError, match="no_such_field"):  # unknown keys fail loudly
         make_parser().parse_args_and_config(["--config", str(CONFIG), "--no_such_field", "1"])
+
+
+@pytest.mark.skipif(not (REPO / "Makefile").is_file() or not (Path(sys.prefix) / ".installed").is_file(),
+                    reason="runs `make pretrain-test` only inside the Makefile's own venv (as `make test` makes it)")
+def test_make_pretrain_test_target_trains_saves_and_completes():
+    """The Makefile target itself, as a user types it: tiny config, dummy data, CPU; then a completion from best/."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["make", "--no-print-directory", "pretrain-test", f"VENV={sys.prefix}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "Step 12/12 | Loss" in log and "optimizer in backward" in log
+    out = REPO / "outputs" / "pretrain_tiny"
+    assert {"best", "final", "run_summary.json"} <= {p.name for p in out.iterdir()}
+    assert "best checkpoint: outputs/pretrain_tiny/best" in log
