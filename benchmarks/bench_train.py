@@ -2,7 +2,8 @@
 padding-free on transformers' best loadable attention: `trl_liger_fa4`) and the so8t_hf recipe, same data and
 settings, for LoRA 4 x 2048, QLoRA NF4 1 x 2048 and LoRA 1 x 8192; then each workload's ladder of our recipe (each
 optimisation switched on in turn; `--only ladder` or a rung's name). One process per run (`train_worker.py`); three run at a time, the others preparing on the CPU (data, model,
-trainer) while one holds the GPU (a file lock), so only one ever uses the GPU.
+trainer) while one holds the GPU (a file lock), so only one ever uses the GPU; no run prepares during another's
+timed steps (a second lock), so those steps run on a quiet host.
 
     python scripts/make_phi35_shaped.py --tokenizer .fixtures/phi35-tokenizer --out /dev/shm/phi35-shaped
     python benchmarks/bench_train.py --checkpoint /dev/shm/phi35-shaped --out $OUT
@@ -98,7 +99,7 @@ def launch(run: dict, args, data: Path, lock: Path, out: Path):
     cmd = [sys.executable, str(HERE / "train_worker.py"), "--name", run["name"], "--system", run["system"],
            "--checkpoint", args.checkpoint, "--data", str(data), "--batch", str(run["batch"]), "--max_length",
            str(run["length"]), "--packing", run["packing"], "--warmup", str(args.warmup), "--steps", str(run["steps"]),
-           "--profile_steps", str(run["profile"]), "--lock", str(lock), "--out", str(out / f"{run['name']}.json")]
+           "--profile_steps", str(run["profile"]), "--lock", str(lock), "--quiet_lock", str(lock.with_name("quiet.lock")), "--out", str(out / f"{run['name']}.json")]
     cmd += ["--qlora"] * run["qlora"] + ["--legacy_rotation"] * run["legacy"]
     if run["override"]:
         cmd += ["--override", run["override"]]
@@ -222,7 +223,8 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
             p = r["profile"]
             shares = ", ".join(f"{k} {v:.0%}" for k, v in p["shares"].items())
             lines.append(f"- {name}: device {p['device_ms_per_step']:.0f} ms / wall {p['wall_ms_per_step']:.0f} ms per step "
-                         f"(host gaps {1 - p['device_ms_per_step'] / p['wall_ms_per_step']:.0%}); {shares}")
+                         f"(host gaps {1 - p['device_ms_per_step'] / p['wall_ms_per_step']:.0%}); {shares}"
+                         + (f"; per step {p['runtime_per_step']}" if p.get("runtime_per_step") else ""))
     lines.append("")
     (out / "train_h100.md").write_text("\n".join(lines) + "\n")
     payload = {"device": device, "command": command, "peak_bf16_tflops": flops and flops / 1e12, "n_params": N_PARAMS,

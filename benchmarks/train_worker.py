@@ -1,7 +1,10 @@
 """One run of the end-to-end training benchmark (`bench_train.py` starts one process per run).
 
 Builds what runs on the CPU first (imports, data, a LoRA model loaded on the CPU), then waits for the GPU lock, so the
-next run's preparation overlaps this one's training without sharing the GPU. On the GPU: the trainer, `warmup` steps,
+next run's preparation overlaps this one's loading without sharing the GPU. The timed steps run on a quiet host: a
+run prepares under a shared hold of `--quiet_lock`, and the GPU holder takes it exclusively before its first step, so
+it waits for the preparations under way and none starts until its steps are done (host-bound runs, QLoRA above all,
+were slowed and made uneven by other runs loading 3.8B models beside them). On the GPU: the trainer, `warmup` steps,
 `steps` timed steps (a CUDA sync closes each step; tokens counted by the collator, on the host), then optional
 profiled steps. Writes one JSON result: tokens/s over the timed steps, peak GiB (max allocated after the model is on
 the GPU), every step's time and loss, the attention backends used.
@@ -215,8 +218,20 @@ def _profile_summary(prof, steps: int, wall: float) -> dict:
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:25]
     table = events.table(sort_by="self_device_time_total", row_limit=30)
     table += "\n\nTop kernels (us over the profiled steps):\n" + "\n".join(f"{v:12.0f}  {k}" for k, v in top)
+    runtime = {"launches": 0, "syncs": 0, "sync_ms": 0.0, "graph_replays": 0}
+    for e in prof.events():  # the CUDA runtime calls the host made: how many launches, and how long it waited
+        name = e.name
+        if "LaunchKernel" in name or "cudaLaunchCooperativeKernel" in name:
+            runtime["launches"] += 1
+        elif "Synchronize" in name or name == "cudaMemcpy" or ("cudaMemcpyAsync" in name and e.cpu_time_total > 50):
+            runtime["syncs"] += 1
+            runtime["sync_ms"] += e.cpu_time_total / 1e3
+        elif "GraphLaunch" in name:
+            runtime["graph_replays"] += 1
+    runtime = {k: round(v / steps, 2) for k, v in runtime.items()}
+    table += "\n\nCUDA runtime calls per step: " + json.dumps(runtime)
     return {"device_ms_per_step": total / 1e3 / steps, "wall_ms_per_step": wall * 1e3 / steps,
-            "shares": {k: v / max(total, 1) for k, v in shares.items()}, "table": table}
+            "shares": {k: v / max(total, 1) for k, v in shares.items()}, "runtime_per_step": runtime, "table": table}
 
 
 def main(argv=None) -> None:
@@ -234,6 +249,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--profile_steps", type=int, default=0)
     p.add_argument("--lock", required=True)
+    p.add_argument("--quiet_lock", default=None, help="file lock: held shared while preparing, exclusive while training")
     p.add_argument("--out", required=True)
     p.add_argument("--override", default="", help="extra recipe flags (so8t_hf): 'key=value,key=value'")
     a = p.parse_args(argv)
@@ -243,6 +259,9 @@ def main(argv=None) -> None:
     import torch
 
     out_dir = Path(f"/tmp/bench_{a.name}")
+    quiet = open(a.quiet_lock, "w") if a.quiet_lock else None
+    if quiet:
+        fcntl.flock(quiet, fcntl.LOCK_SH)  # preparing: no timed steps of another run meanwhile
     rows = [json.loads(line) for line in open(Path(a.data) / "rows.jsonl")]
     t_prep = time.perf_counter()
     model, load, make_trainer = (build_trl(a, rows, out_dir) if a.system.startswith("trl") else
@@ -256,6 +275,8 @@ def main(argv=None) -> None:
         with mock.patch.object(Trainer, "_move_model_to_device", lambda self, model, device: None):
             trainer = make_trainer(model)
     prep_s = time.perf_counter() - t_prep
+    if quiet:
+        fcntl.flock(quiet, fcntl.LOCK_UN)
     with open(a.lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the GPU is ours from here
         t_gpu = time.perf_counter()
@@ -273,7 +294,13 @@ def main(argv=None) -> None:
         timer.sync()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        t_wait = time.perf_counter()
+        if quiet:
+            fcntl.flock(quiet, fcntl.LOCK_EX)  # waits for the preparations under way; blocks new ones until done
+        quiet_wait_s = time.perf_counter() - t_wait
         trainer.train()
+        if quiet:
+            fcntl.flock(quiet, fcntl.LOCK_UN)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         backends = {}
         if a.system == "so8t_hf":
@@ -287,7 +314,7 @@ def main(argv=None) -> None:
             tokens_per_s=sum(timed_n) / sum(timed_t), peak_gib=peak,
             tokens_per_s_median_step=statistics.median(n / t for n, t in zip(timed_n, timed_t)), step_times=timer.times, step_tokens=timer.tokens,
             losses=[float(x) for x in losses], backends=backends, prep_s=prep_s,
-            gpu_s=time.perf_counter() - t_gpu, override=a.override, legacy_rotation=a.legacy_rotation,
+            gpu_s=time.perf_counter() - t_gpu, quiet_wait_s=quiet_wait_s, override=a.override, legacy_rotation=a.legacy_rotation,
             checkpointed_layers=getattr(getattr(trainer, "checkpoint_policy", None), "checkpointed", None),
             fused_lora=getattr(trainer, "fused_lora_counts", None), warmup=a.warmup, timed_steps=len(timed_t),
             attn_implementation=getattr(a, "attn_implementation", "so8t"),
