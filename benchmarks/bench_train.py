@@ -49,15 +49,19 @@ LADDER = [
     ("rotation_kernel", dict(override=BEFORE), "+ R once per step, fp32 GPU exponential"),
     ("host_dtype", dict(override=FAST), "+ sync-free loss, LoRA inputs in bf16, dropout off (issue 16's recipe)"),
     ("fused_lora", dict(override=""), "+ fused LoRA linear on the bf16 base (= the recipe: fused_lora=auto)"),
+    ("cuda_graphs", dict(override="cuda_graphs=on"), "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)"),
     ("memory_policy", dict(override="activation_checkpointing_layers=auto"),
      "+ activation_checkpointing_layers=auto, no cap (spends the measured free memory)"),
 ]
 # The other workloads' ladders: the rungs this issue added, from issue 16's recipe up.
 LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward over bitsandbytes' 4-bit matmul)"),
-    ("fused_lora", dict(override=""), "+ fused NF4 dequantise + matmul + LoRA (= the recipe)")], "lora_1x8192": [
+    ("fused_lora", dict(override=""), "+ fused NF4 dequantise + matmul + LoRA (= the recipe)"),
+    ("cuda_graphs", dict(override="cuda_graphs=on"), "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")],
+    "lora_1x8192": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward)"),
-    ("fused_lora", dict(override=""), "+ fused LoRA linear on the bf16 base (= the recipe: fused_lora=auto)")]}
+    ("fused_lora", dict(override=""), "+ fused LoRA linear on the bf16 base (= the recipe: fused_lora=auto)"),
+    ("cuda_graphs", dict(override="cuda_graphs=on"), "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")]}
 # the rung that is the main table's so8t_hf run (the recipe: fused_lora=auto fuses every supported layer on CUDA)
 RECIPE_RUNG = {"lora_4x2048": "fused_lora", "qlora_1x2048": "fused_lora", "lora_1x8192": "fused_lora"}
 
@@ -163,6 +167,8 @@ def _row(name: str, r: dict, flops: float | None) -> dict:
         row["attention_not_loadable"] = r["attn_unavailable"]
     if r.get("fused_lora"):
         row["fused_lora"] = r["fused_lora"]
+    if r.get("cuda_graphs"):
+        row["cuda_graphs"] = r["cuda_graphs"]
     if r.get("losses"):
         row["first_last_loss"] = [round(r["losses"][0], 4), round(r["losses"][-1], 4)]
     return row

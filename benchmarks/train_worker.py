@@ -316,7 +316,8 @@ def main(argv=None) -> None:
             losses=[float(x) for x in losses], backends=backends, prep_s=prep_s,
             gpu_s=time.perf_counter() - t_gpu, quiet_wait_s=quiet_wait_s, override=a.override, legacy_rotation=a.legacy_rotation,
             checkpointed_layers=getattr(getattr(trainer, "checkpoint_policy", None), "checkpointed", None),
-            fused_lora=getattr(trainer, "fused_lora_counts", None), warmup=a.warmup, timed_steps=len(timed_t),
+            fused_lora=getattr(trainer, "fused_lora_counts", None),
+            cuda_graphs=getattr(getattr(trainer, "cuda_graphs", None), "summary", None), warmup=a.warmup, timed_steps=len(timed_t),
             attn_implementation=getattr(a, "attn_implementation", "so8t"),
             attn_unavailable=getattr(a, "attn_unavailable", {}),
         )

@@ -245,9 +245,9 @@ def packed_segments(position_ids, cu_seq_lens, batch: int, q_len: int, kv_len: i
     if cu_seq_lens is not None:
         if batch != 1:
             raise ValueError(f"cu_seq_lens_q describes one packed row, but the batch has {batch} rows")
-        starts = torch.zeros(q_len, dtype=torch.int32, device=cu_seq_lens.device)
+        starts = torch.zeros(q_len + 1, dtype=torch.int32, device=cu_seq_lens.device)  # + 1: zero-length tails
         starts[cu_seq_lens[1:-1].long()] = 1
-        return starts.cumsum(0)[None]
+        return starts[:q_len].cumsum(0)[None]
     if position_ids is None:
         return None
     position_ids = position_ids.expand(batch, -1)

@@ -25,6 +25,7 @@ class DequantBuffer:
 
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self.frozen = False  # set while CUDA graphs hold the buffers' addresses: growing one would be a silent bug
 
     def get(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
         numel = 1
@@ -33,11 +34,15 @@ class DequantBuffer:
         key = (dtype, torch.device(device))
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
+            if self.frozen:
+                raise RuntimeError(f"the dequantisation buffer must grow to {numel} elements ({dtype}, {device}) "
+                                   "while CUDA graphs hold its address; reserve the largest weight first")
             self._buffers[key] = buf = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(*shape)
 
     def clear(self) -> None:
         self._buffers.clear()
+        self.frozen = False
 
 
 DEQUANT_BUFFER = DequantBuffer()

@@ -91,6 +91,13 @@ class SO8TConfig(SFTConfig):
                           "(training/fused_lora.py): 'auto' (every supported layer, 4-bit or bf16/fp32 base, of a CUDA run), "
                           "'on' (the same, CPU too) or 'off' (PEFT's forward)."},
     )
+    cuda_graphs: str = field(
+        default="off",
+        metadata={"help": "Replay each checkpointed decoder layer as two CUDA graphs (forward; recompute + backward) "
+                          "instead of launching its kernels from Python (training/cuda_graphs.py): 'auto' (a CUDA run "
+                          "of one process with padding-free packing), 'on' (the same; an error where the settings "
+                          "forbid it) or 'off'."},
+    )
     sync_free_metrics: bool = field(
         default=True,
         metadata={"help": "Keep the per-step metrics (nll, entropy, accuracy, tokens) on the GPU until logging "
@@ -122,6 +129,9 @@ class SO8TConfig(SFTConfig):
         self.fused_lora = {"true": "on", "false": "off"}.get(str(self.fused_lora).lower(), str(self.fused_lora).lower())
         if self.fused_lora not in ("auto", "on", "off"):
             raise ValueError(f"SO8TConfig.fused_lora={self.fused_lora!r}: use 'auto', 'on' or 'off'.")
+        self.cuda_graphs = {"true": "on", "false": "off"}.get(str(self.cuda_graphs).lower(), str(self.cuda_graphs).lower())
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"SO8TConfig.cuda_graphs={self.cuda_graphs!r}: use 'auto', 'on' or 'off'.")
         if self.loss_fallback not in ("recover", "error"):
             raise ValueError(f"SO8TConfig.loss_fallback={self.loss_fallback!r}: use 'recover' or 'error'.")
         kwargs = dict(self.gradient_checkpointing_kwargs or {})

@@ -120,6 +120,25 @@ def enable_fused_lora(model: torch.nn.Module, kinds=("nf4", "dense")) -> dict[st
     return counts
 
 
+def reserve_dequant_buffer(modules) -> int:
+    """Grow the shared dequantisation buffer to the largest 4-bit weight under `modules` now, then freeze it (CUDA
+    graphs record its address); returns its size in elements (0: no fused 4-bit layer)."""
+    largest = None
+    for root in modules:
+        for module in root.modules():
+            if hasattr(module, "_so8t_weight_fn") and _base_kind(module) == "nf4":
+                weight = module.get_base_layer().weight
+                state = weight.quant_state
+                numel = int(torch.Size(state.shape).numel())
+                if weight.device.type == "cuda" and (largest is None or numel > largest[0]):
+                    largest = (numel, state.shape, state.dtype, weight.device)
+    if largest is None:
+        return 0
+    DEQUANT_BUFFER.get(largest[1], largest[2], largest[3])
+    DEQUANT_BUFFER.frozen = True
+    return largest[0]
+
+
 def disable_fused_lora(model: torch.nn.Module) -> int:
     """Restore PEFT's own forward on every layer `enable_fused_lora` changed; returns how many."""
     restored = 0

@@ -11,7 +11,8 @@ Overrides only what it must:
 - Speed settings: under bf16/fp16 autocast the LoRA layers stop casting their inputs to the fp32 adapters
   (`lora_cast_inputs`); `use_liger_kernel` works for SO8T-Phi3 (`integrations/liger.py`);
   `activation_checkpointing_layers` spends spare memory on fewer checkpointed layers (`training/memory.py`);
-  `fused_lora` runs each LoRA layer (QLoRA: NF4 dequantise + matmul + adapter) as one autograd Function.
+  `fused_lora` runs each LoRA layer (QLoRA: NF4 dequantise + matmul + adapter) as one autograd Function;
+  `cuda_graphs` replays each checkpointed decoder layer as CUDA graphs (`training/cuda_graphs.py`).
 - `create_optimizer`: the SO(8) generators get their own param group (`so8t_learning_rate`, no decay).
 - `log`: perplexity, learning rates, tokens/s, peak memory, SO(8) health, `loss_fallback_steps`.
 - `evaluation_loop`: adds the thinking metrics of each `ThinkingEvalCallback` (generated replies) to the
@@ -113,6 +114,13 @@ class SO8TTrainer(SFTTrainer):
             self.checkpoint_policy = CheckpointPolicyCallback(
                 args.activation_checkpointing_layers, args.activation_memory_budget_gib, tokens)
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.checkpoint_policy]
+        self.cuda_graphs = None
+        if args.cuda_graphs != "off":  # after the memory policy: it graphs the layers that stay checkpointed
+            from so8t_hf.training.cuda_graphs import CudaGraphCallback
+
+            self.cuda_graphs = CudaGraphCallback(args.cuda_graphs,
+                                                 args.per_device_train_batch_size * (args.max_length or 2048))
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.cuda_graphs]
         super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
         keep_so8_fp32(self.model)  # SFTTrainer casts every trainable parameter of a quantised model to bf16
         expose_head_bias(self.model)  # trainable tag rows of lm_head: TRL's fused LM head reads lm_head.bias

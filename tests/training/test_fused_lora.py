@@ -47,7 +47,7 @@ def test_peft_layers_on_the_fused_path_equal_peft(caplog):
     torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-5)
     assert g1.keys() == g2.keys() and any("lora_A" in n for n in g1)
     for n in g1:
-        torch.testing.assert_close(g2[n], g1[n], atol=1e-6, rtol=1e-5, msg=n)
+        torch.testing.assert_close(g2[n], g1[n], atol=2e-5, rtol=1e-5, msg=n)  # fp32 sums in another order
     assert disable_fused_lora(fused) == 2 and "forward" not in fused.base_model.model.up.__dict__
     assert enable_fused_lora(fused, kinds=("nf4",)) == {"nf4": 0, "dense": 0, "unsupported": 0, "off": 2}
 
