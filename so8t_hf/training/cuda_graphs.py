@@ -37,6 +37,25 @@ _KNOWN_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
                  "attention_mask", "output_attentions", "output_hidden_states", "seq_idx"}  # seq_idx (TRL's collator): state-space layers only
 
 
+class _side_stream:
+    """Run a block on a fresh side stream ordered after the current one (CUDA), or as is."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and torch.cuda.is_available()
+
+    def __enter__(self):
+        if self.enabled:
+            self.stream = torch.cuda.Stream()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            self.context = torch.cuda.stream(self.stream)
+            self.context.__enter__()
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.context.__exit__(*exc)
+            torch.cuda.current_stream().wait_stream(self.stream)
+
+
 class _Replay:
     """A captured CUDA graph; off CUDA (tests) the function itself, re-run on every replay. Both only read and
     write the static buffers, so the two behave the same."""
@@ -50,7 +69,7 @@ class _Replay:
                 fn()  # warm-up: lazy initialisations, autotuning and measured backend choices happen outside capture
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 fn()
 
     def __call__(self) -> None:
@@ -223,7 +242,7 @@ class _LayerRunner:
         """The first backward: learn which weights get gradients (eagerly), then capture."""
         stack = self.stack
         if not self.param_grads:
-            with torch.enable_grad():
+            with torch.enable_grad(), _side_stream(stack.use_graphs):
                 x = stack.chain[self.index].detach().requires_grad_(True)
                 rotation = self.rotation.detach().requires_grad_(True) if self.rotation is not None else None
                 out = self._run_layer(x, rotation)
@@ -232,6 +251,7 @@ class _LayerRunner:
             self.has_param_grad = [g is not None for g in used]
             self.param_grads = [torch.zeros_like(p) if g is not None else None for p, g in zip(self.params, used)]
             self.rotation_grad = torch.zeros_like(self.rotation) if self.rotation is not None else None
+            del out, used
         self.backward_graph = _Replay(self._backward_fn, stack.pool, stack.use_graphs)
 
     def run_forward(self, hidden, rotation):
@@ -263,13 +283,23 @@ class _LayerRunner:
         stack.replays += 1
         grad_x = stack.grads[i % 2].detach()[:, :tokens] if self.input_needs_grad else None
         grad_rotation = self.rotation_grad.clone() if self.rotation_grad is not None else None
-        grad_params = [buf.clone() if buf is not None else None for buf in self.param_grads]
-        return grad_x, grad_rotation, grad_params
+        with torch.no_grad():  # the weights are not inputs of the outer graph (see _GraphedLayerFunction)
+            for param, buf in zip(self.params, self.param_grads):
+                if buf is not None:
+                    if param.grad is None:
+                        param.grad = buf.to(param.dtype, copy=True)
+                    else:
+                        param.grad.add_(buf)
+        return grad_x, grad_rotation
 
 
 class _GraphedLayerFunction(torch.autograd.Function):
+    """The layer in the outer autograd graph. Its weights are not inputs: their gradients are added to `.grad` in
+    backward. As inputs, the outer graph would keep their AccumulateGrad nodes alive on the default stream, and the
+    backward graph's `autograd.grad` would then make that stream wait on the capturing one (a CUDA error)."""
+
     @staticmethod
-    def forward(ctx, runner, hidden, rotation, *params):
+    def forward(ctx, runner, hidden, rotation):
         ctx.runner, ctx.tokens = runner, hidden.shape[1]
         if runner.input_needs_grad != hidden.requires_grad:  # captured for the other case: capture again
             runner.input_needs_grad = hidden.requires_grad
@@ -278,8 +308,8 @@ class _GraphedLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x, grad_rotation, grad_params = ctx.runner.run_backward(grad_out, ctx.tokens)
-        return (None, grad_x, grad_rotation, *grad_params)
+        grad_x, grad_rotation = ctx.runner.run_backward(grad_out, ctx.tokens)
+        return None, grad_x, grad_rotation
 
 
 def _graphed_forward(runner: _LayerRunner, hidden_states, *args, **kwargs):
@@ -305,7 +335,7 @@ def _graphed_forward(runner: _LayerRunner, hidden_states, *args, **kwargs):
     if candidates:
         runner.rotation_key = candidates[0]
         rotation = rotations[candidates[0]]
-    return _GraphedLayerFunction.apply(runner, hidden_states, rotation, *runner.params)
+    return _GraphedLayerFunction.apply(runner, hidden_states, rotation)
 
 
 def graph_layers(layers, token_budget: int, use_graphs: bool | None = None) -> GraphedLayers:
