@@ -159,6 +159,9 @@ class GraphedLayers:
         self.step_inputs["cu"][0] = 0
         for runner in self.runners:
             runner.forward_graph = runner.backward_graph = None
+        if self.use_graphs:  # a fresh pool: recapturing into the old one trips the caching allocator (H100, torch 2.11)
+            torch.cuda.synchronize()
+            self.pool = torch.cuda.graph_pool_handle()
         self._source = None
 
     def load_step(self, hidden, kwargs) -> None:
