@@ -37,6 +37,8 @@ SYSTEMS = {"lora_4x2048": ("trl_stock", "trl_liger_fa4", "so8t_hf"), "qlora_1x20
 N_PARAMS = 3.82e9
 FAST = "sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off"
 BEFORE = "sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off"
+CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override="cuda_graphs=on"),
+                    "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")
 # The ladder (LoRA 4 x 2048): each rung switches one more optimisation on; the last full rung is the recipe itself.
 LADDER = [
     ("baseline", dict(packing="false", override=f"so8t_attn_backend=sdpa,use_liger_kernel=false,{BEFORE}", legacy=True),
@@ -49,7 +51,7 @@ LADDER = [
     ("rotation_kernel", dict(override=BEFORE), "+ R once per step, fp32 GPU exponential"),
     ("host_dtype", dict(override=FAST), "+ sync-free loss, LoRA inputs in bf16, dropout off (issue 16's recipe)"),
     ("fused_lora", dict(override=""), "+ fused LoRA linear on the bf16 base (= the recipe: fused_lora=auto)"),
-    ("cuda_graphs", dict(override="cuda_graphs=on"), "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)"),
+    CUDA_GRAPHS_RUNG,
     ("memory_policy", dict(override="activation_checkpointing_layers=auto"),
      "+ activation_checkpointing_layers=auto, no cap (spends the measured free memory)"),
 ]
@@ -57,11 +59,11 @@ LADDER = [
 LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward over bitsandbytes' 4-bit matmul)"),
     ("fused_lora", dict(override=""), "+ fused NF4 dequantise + matmul + LoRA (= the recipe)"),
-    ("cuda_graphs", dict(override="cuda_graphs=on"), "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")],
+    CUDA_GRAPHS_RUNG],
     "lora_1x8192": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward)"),
     ("fused_lora", dict(override=""), "+ fused LoRA linear on the bf16 base (= the recipe: fused_lora=auto)"),
-    ("cuda_graphs", dict(override="cuda_graphs=on"), "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")]}
+    CUDA_GRAPHS_RUNG]}
 # the rung that is the main table's so8t_hf run (the recipe: fused_lora=auto fuses every supported layer on CUDA)
 RECIPE_RUNG = {"lora_4x2048": "fused_lora", "qlora_1x2048": "fused_lora", "lora_1x8192": "fused_lora"}
 

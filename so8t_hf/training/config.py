@@ -19,6 +19,14 @@ class LossHasNoGraphError(RuntimeError):
     """The training loss cannot reach any trainable parameter."""
 
 
+def _auto_on_off(name: str, value) -> str:
+    """An 'auto' / 'on' / 'off' switch (booleans and their strings as 'on' / 'off'), or a ValueError naming it."""
+    value = {"true": "on", "false": "off"}.get(str(value).lower(), str(value).lower())
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"SO8TConfig.{name}={value!r}: use 'auto', 'on' or 'off'.")
+    return value
+
+
 @dataclass
 class SO8TConfig(SFTConfig):
     r"""`trl.SFTConfig` plus the SO8T settings. Every `SFTConfig` / `TrainingArguments` field works as there.
@@ -126,12 +134,8 @@ class SO8TConfig(SFTConfig):
         from so8t_hf.training.memory import parse_layers_setting
 
         self.activation_checkpointing_layers = parse_layers_setting(self.activation_checkpointing_layers)
-        self.fused_lora = {"true": "on", "false": "off"}.get(str(self.fused_lora).lower(), str(self.fused_lora).lower())
-        if self.fused_lora not in ("auto", "on", "off"):
-            raise ValueError(f"SO8TConfig.fused_lora={self.fused_lora!r}: use 'auto', 'on' or 'off'.")
-        self.cuda_graphs = {"true": "on", "false": "off"}.get(str(self.cuda_graphs).lower(), str(self.cuda_graphs).lower())
-        if self.cuda_graphs not in ("auto", "on", "off"):
-            raise ValueError(f"SO8TConfig.cuda_graphs={self.cuda_graphs!r}: use 'auto', 'on' or 'off'.")
+        self.fused_lora = _auto_on_off("fused_lora", self.fused_lora)
+        self.cuda_graphs = _auto_on_off("cuda_graphs", self.cuda_graphs)
         if self.loss_fallback not in ("recover", "error"):
             raise ValueError(f"SO8TConfig.loss_fallback={self.loss_fallback!r}: use 'recover' or 'error'.")
         kwargs = dict(self.gradient_checkpointing_kwargs or {})

@@ -63,11 +63,8 @@ class _Replay:
     def __init__(self, fn, pool, use_graph: bool):
         self.fn, self.graph = fn, None
         if use_graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with _side_stream(True):
                 fn()  # warm-up: lazy initialisations, autotuning and measured backend choices happen outside capture
-            torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 fn()
@@ -119,8 +116,8 @@ class GraphedLayers:
         if kwargs.get("cu_seq_lens_k") is not None and kwargs["cu_seq_lens_k"] is not cu and \
                 kwargs["cu_seq_lens_k"].shape != cu.shape:
             return "different query and key sequences"
-        state = (torch.is_autocast_enabled("cuda" if hidden.is_cuda else "cpu"),
-                 torch.get_autocast_dtype("cuda" if hidden.is_cuda else "cpu"))
+        device = hidden.device.type
+        state = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         if self._autocast is None:
             self._autocast = state
         elif state != self._autocast:
@@ -211,7 +208,6 @@ class _LayerRunner:
         self.rotation = None  # static (n, 8, 8) rotation
         self.param_grads: list[torch.Tensor | None] = []
         self.rotation_grad = None
-        self.has_param_grad: list[bool] = []
         self.input_needs_grad = True
 
     def _run_layer(self, hidden, rotation):
@@ -251,7 +247,6 @@ class _LayerRunner:
                 out = self._run_layer(x, rotation)
                 used = torch.autograd.grad(out, self.params, grad_outputs=torch.ones_like(out), allow_unused=True,
                                            materialize_grads=False) if self.params else []
-            self.has_param_grad = [g is not None for g in used]
             self.param_grads = [torch.zeros_like(p) if g is not None else None for p, g in zip(self.params, used)]
             self.rotation_grad = torch.zeros_like(self.rotation) if self.rotation is not None else None
             del out, used
@@ -277,7 +272,7 @@ class _LayerRunner:
     def run_backward(self, grad_out, tokens: int):
         stack, i = self.stack, self.index
         target = stack.grads[(i + 1) % 2]
-        if grad_out.data_ptr() != target.data_ptr() or grad_out.shape[1] != tokens:
+        if grad_out.data_ptr() != target.data_ptr():
             target[:, :tokens].copy_(grad_out)
             target[:, tokens:].zero_()  # the padding's outputs reach no loss
         if self.backward_graph is None:
@@ -350,7 +345,6 @@ def graph_layers(layers, token_budget: int, use_graphs: bool | None = None) -> G
     for runner in stack.runners:
         runner.layer.gradient_checkpointing = False
         runner.layer.forward = partial(_graphed_forward, runner)
-        runner.layer._so8t_graphed = stack
     logger.info("CUDA graphs: %d checkpointed decoder layers replay a forward and a backward graph each (token budget "
                 "%d, up to %d sequences per micro-batch)%s.", len(stack.runners), stack.budget, stack.max_sequences,
                 "" if use_graphs else " [eager stand-in: no CUDA]")
@@ -361,7 +355,6 @@ def ungraph_layers(stack: GraphedLayers) -> None:
     """Back to the plain checkpointed layers; the graphs and buffers are released."""
     for runner in stack.runners:
         runner.layer.__dict__.pop("forward", None)
-        runner.layer.__dict__.pop("_so8t_graphed", None)
         runner.layer.gradient_checkpointing = True
         runner.forward_graph = runner.backward_graph = None
     stack.chain = stack.grads = None

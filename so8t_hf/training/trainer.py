@@ -109,8 +109,8 @@ class SO8TTrainer(SFTTrainer):
             else:
                 register_liger()  # before Trainer.__init__ applies Liger by model type
         self.checkpoint_policy = None
+        tokens = args.per_device_train_batch_size * (args.max_length or 2048)  # per micro-batch
         if args.activation_checkpointing and args.activation_checkpointing_layers != "all":
-            tokens = args.per_device_train_batch_size * (args.max_length or 2048)
             self.checkpoint_policy = CheckpointPolicyCallback(
                 args.activation_checkpointing_layers, args.activation_memory_budget_gib, tokens)
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.checkpoint_policy]
@@ -118,8 +118,7 @@ class SO8TTrainer(SFTTrainer):
         if args.cuda_graphs != "off":  # after the memory policy: it graphs the layers that stay checkpointed
             from so8t_hf.training.cuda_graphs import CudaGraphCallback
 
-            self.cuda_graphs = CudaGraphCallback(args.cuda_graphs,
-                                                 args.per_device_train_batch_size * (args.max_length or 2048))
+            self.cuda_graphs = CudaGraphCallback(args.cuda_graphs, tokens)
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.cuda_graphs]
         super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
         keep_so8_fp32(self.model)  # SFTTrainer casts every trainable parameter of a quantised model to bf16
