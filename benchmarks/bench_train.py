@@ -106,7 +106,7 @@ def launch(run: dict, args, data: Path, lock: Path, out: Path):
            "--checkpoint", args.checkpoint, "--data", str(data), "--batch", str(run["batch"]), "--max_length",
            str(run["length"]), "--packing", run["packing"], "--warmup", str(args.warmup), "--steps", str(run["steps"]),
            "--profile_steps", str(run["profile"]), "--lock", str(lock), "--quiet_lock", str(lock.with_name("quiet.lock")), "--out", str(out / f"{run['name']}.json")]
-    cmd += ["--qlora"] * run["qlora"] + ["--legacy_rotation"] * run["legacy"]
+    cmd += ["--qlora"] * run["qlora"] + ["--legacy_rotation"] * run["legacy"] + ["--memory_trace"] * args.memory_trace
     if run["override"]:
         cmd += ["--override", run["override"]]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -254,6 +254,8 @@ def main(argv=None) -> None:
     p.add_argument("--parallel", type=int, default=3)
     p.add_argument("--timeout", type=float, default=420, help="seconds for all runs; later runs are skipped")
     p.add_argument("--only", nargs="*", default=None, help="run names starting with these")
+    p.add_argument("--memory_trace", action="store_true", help="record every run's CUDA allocations and write what is "
+                   "live at its peak (runs/<name>.memory.txt); recording slows the steps, so its speeds are not results")
     args = p.parse_args(argv)
     command = "python benchmarks/bench_train.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     out = Path(args.out)

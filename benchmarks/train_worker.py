@@ -143,6 +143,8 @@ class StepTimer:
         self.torch, self.counter, self.times, self.tokens = torch, counter, [], []
         self.sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: smoke tests
         self.profile_from, self.profile_dir, self.prof = profile_from, profile_dir, None
+        self.cuda = torch.cuda.is_available()
+        self.peak_before_steps, self.step_peaks, self.step_ends = 0.0, [], []  # GiB: max allocated in each step, allocated after it
 
     def callback(self):
         from transformers import TrainerCallback
@@ -162,6 +164,10 @@ class StepTimer:
                 if not timer.times and not hasattr(timer, "t0"):
                     timer.sync()
                     timer.t0, timer.n0 = time.perf_counter(), timer.counter[0]
+                if timer.cuda:
+                    if not timer.step_peaks:
+                        timer.peak_before_steps = timer.torch.cuda.max_memory_allocated() / 2**30
+                    timer.torch.cuda.reset_peak_memory_stats()
 
             def on_step_end(self, args, state, control, **kw):
                 timer.sync()
@@ -169,6 +175,9 @@ class StepTimer:
                 timer.times.append(now - timer.t0)
                 timer.tokens.append(timer.counter[0] - timer.n0)
                 timer.t0, timer.n0 = now, timer.counter[0]
+                if timer.cuda:
+                    timer.step_peaks.append(timer.torch.cuda.max_memory_allocated() / 2**30)
+                    timer.step_ends.append(timer.torch.cuda.memory_allocated() / 2**30)
 
             def on_train_end(self, args, state, control, **kw):
                 if timer.prof is not None:
@@ -252,6 +261,8 @@ def main(argv=None) -> None:
     p.add_argument("--quiet_lock", default=None, help="file lock: held shared while preparing, exclusive while training")
     p.add_argument("--out", required=True)
     p.add_argument("--override", default="", help="extra recipe flags (so8t_hf): 'key=value,key=value'")
+    p.add_argument("--memory_trace", action="store_true",
+                   help="record CUDA allocations and write what is live at the peak (<out>.memory.txt; slows the run)")
     a = p.parse_args(argv)
     a.override = [x for kv in a.override.split(",") if kv for x in (f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
     a.packing = a.packing.lower() == "true"
@@ -294,6 +305,8 @@ def main(argv=None) -> None:
         timer.sync()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+            if a.memory_trace:
+                torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         t_wait = time.perf_counter()
         if quiet:
             fcntl.flock(quiet, fcntl.LOCK_EX)  # waits for the preparations under way; blocks new ones until done
@@ -301,7 +314,12 @@ def main(argv=None) -> None:
         trainer.train()
         if quiet:
             fcntl.flock(quiet, fcntl.LOCK_UN)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        peak = max([timer.peak_before_steps, *timer.step_peaks]) if timer.step_peaks else 0.0
+        if a.memory_trace and torch.cuda.is_available():
+            from memory_trace import live_at_peak
+
+            Path(a.out).with_suffix(".memory.txt").write_text(live_at_peak(torch.cuda.memory._snapshot()))
+            torch.cuda.memory._record_memory_history(enabled=None)
         backends = {}
         if a.system == "so8t_hf":
             from so8t_hf.integrations.attention import BACKEND_COUNTS
@@ -313,6 +331,8 @@ def main(argv=None) -> None:
             name=a.name, system=a.system, batch=a.batch, max_length=a.max_length, qlora=a.qlora,
             tokens_per_s=sum(timed_n) / sum(timed_t), peak_gib=peak,
             tokens_per_s_median_step=statistics.median(n / t for n, t in zip(timed_n, timed_t)), step_times=timer.times, step_tokens=timer.tokens,
+            step_peak_gib=timer.step_peaks, step_end_gib=timer.step_ends, peak_before_steps_gib=timer.peak_before_steps,
+            reserved_end_gib=torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
             losses=[float(x) for x in losses], backends=backends, prep_s=prep_s,
             gpu_s=time.perf_counter() - t_gpu, quiet_wait_s=quiet_wait_s, override=a.override, legacy_rotation=a.legacy_rotation,
             checkpointed_layers=getattr(getattr(trainer, "checkpoint_policy", None), "checkpointed", None),

@@ -5,7 +5,9 @@
 # logs, and every run's JSON / log / profile in bench_runs.tar.gz.
 #   here:   ../shared/tools/device-wheels && cp -r ../shared/fixtures/phi35-tokenizer .fixtures/
 #   device: run(command="bash scripts/device_train_bench.sh", carry=[".whl", ".fixtures"])
-#   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT_KERNELS, TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (bench flags)
+#   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT_KERNELS, TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (bench flags),
+#           TEST_FILES (GPU test paths instead of the default set), MEMORY_ARGS (bench flags of an extra pass with
+#           --memory_trace: what is live at each run's peak), MEMORY_TIMEOUT (s)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OUT=${OUT:-/tmp/out}
 WHL=${WHL:-.whl} FIXTURES=${FIXTURES:-.fixtures}
@@ -27,8 +29,15 @@ if [ "${TEST_TIMEOUT:-150}" -gt 0 ]; then
     tests/ops/test_fast_lora.py tests/training/test_fused_lora.py tests/integrations/test_flash_builds.py \
     > "$OUT/gpu_tests.log" 2>&1
   timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider --durations=8 -s \
-    tests/ops tests/training tests/integrations >> "$OUT/gpu_tests.log" 2>&1
+    ${TEST_FILES:-tests/ops tests/training tests/integrations} >> "$OUT/gpu_tests.log" 2>&1
   tail -4 "$OUT/gpu_tests.log"
+fi
+if [ -n "${MEMORY_ARGS:-}" ]; then  # a second pass that records allocations (slow steps: memory, not speed)
+  stamp "memory trace"
+  timeout "${MEMORY_TIMEOUT:-240}" python3 benchmarks/bench_train.py --checkpoint /dev/shm/phi35-shaped --out /tmp/bench_mem \
+    --timeout $(( ${MEMORY_TIMEOUT:-240} - 60 )) --memory_trace $MEMORY_ARGS 2>&1 | grep -v "^$" > "$OUT/memory.log"
+  tar czf "$OUT/memory_runs.tar.gz" -C /tmp/bench_mem runs 2>/dev/null
+  for f in /tmp/bench_mem/runs/*.memory.txt; do echo "== $f"; head -14 "$f"; done
 fi
 stamp "bench"
 ( while sleep 15; do cp /tmp/bench/train_h100.md /tmp/bench/train_h100.json "$OUT/" 2>/dev/null; done ) &  # a call cut at its limit keeps the tables so far

@@ -1,5 +1,5 @@
 """GPU checks (`pytest -m gpu`) of graphed checkpointed layers with real CUDA graphs: bf16 autocast, the fused LoRA
-path on float and NF4 bases, packed micro-batches of changing lengths. Losses and gradients must match plain
+path on float and NF4 bases, packed micro-batches of changing lengths, one with more sequences than captured (a recapture into a fresh pool). Losses and gradients must match plain
 checkpointing within bf16 tolerance, every step after the first must replay graphs, and nothing must run eagerly."""
 
 import copy
@@ -76,6 +76,7 @@ def test_cuda_graph_layers_match_checkpointing_on_the_gpu(nf4):
     for model in (plain, graphed):
         assert enable_fused_lora(model)["nf4" if nf4 else "dense"] == 12
     stack = graph_layers([m for m in checkpoint_layers(graphed) if m.gradient_checkpointing], 256, use_graphs=True)
+    stack.max_sequences = 4  # the 8 x 30 pack (9 with its padding) then recaptures every graph into a fresh pool
     for k, lengths in enumerate([[100, 60, 40], [256], [30] * 8, [77, 101], [100, 60, 40]]):
         batch = _batch(lengths, seed=k % 4)
         loss_p, grads_p = _step(plain, batch)
@@ -87,5 +88,5 @@ def test_cuda_graph_layers_match_checkpointing_on_the_gpu(nf4):
             err = (grads_g[name] - grads_p[name]).abs().max().item()
             assert err <= 0.02 * scale, f"step {k} {name}: {err} vs max {scale}"
     assert all(r.forward_graph.graph is not None and r.backward_graph.graph is not None for r in stack.runners)
-    assert stack.replays == 5 * 2 * 3 and not stack.fallbacks
+    assert stack.replays == 5 * 2 * 3 and not stack.fallbacks and stack.max_sequences == 16
     ungraph_layers(stack)
