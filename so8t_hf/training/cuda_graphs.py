@@ -7,9 +7,11 @@ from Python. Each checkpointed decoder layer is captured once as two CUDA graphs
   layer's trainable weights (LoRA), so nothing activation-sized is kept beyond checkpointing's saved inputs.
 
 Graphs need fixed shapes and addresses. A padding-free packed micro-batch (one row with `cu_seq_lens_*`, as the
-recipe's packing gives) is padded to the token budget (`per_device_train_batch_size * max_length`) with one extra
-sequence of padding, and `cu_seq_lens` to a fixed count of sequences with zero-length ones. Attention never mixes
-sequences, so real tokens see exactly what they saw, the padding's gradients are zero, and the output drops it.
+recipe's packing gives) is padded to the token budget (`per_device_train_batch_size * max_length`) with padding
+sequences, and `cu_seq_lens` to a fixed count of sequences with zero-length ones. The longest sequence is static too:
+each length bucket (a power of two >= the step's longest sequence, >= 512) has its own graphs, and the padding is cut
+into sequences no longer than it. Attention never mixes sequences, so real tokens see exactly what they saw, the
+padding's gradients are zero, and the output drops it.
 Layer i reads buffer i and writes buffer i+1 of one chain (the inputs checkpointing saves anyway); gradients go
 through two alternating buffers; every graph shares one memory pool, captured in replay order.
 
@@ -38,20 +40,21 @@ _KNOWN_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
 
 
 class _side_stream:
-    """Run a block on a fresh side stream ordered after the current one (CUDA), or as is."""
+    """Run a block on `stream` (the graphs' one side stream) ordered after the current one, or as is (None).
+    One stream for every warm-up and capture: cuBLAS keeps a 32 MiB workspace per stream it has run on, so a fresh
+    stream per graph held 2 GiB for 64 graphs (H100, QLoRA 1 x 2048: benchmarks/results/train_h100_cuda_graphs.md)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and torch.cuda.is_available()
+    def __init__(self, stream):
+        self.stream = stream
 
     def __enter__(self):
-        if self.enabled:
-            self.stream = torch.cuda.Stream()
+        if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream())
             self.context = torch.cuda.stream(self.stream)
             self.context.__enter__()
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.stream is not None:
             self.context.__exit__(*exc)
             torch.cuda.current_stream().wait_stream(self.stream)
 
@@ -60,13 +63,13 @@ class _Replay:
     """A captured CUDA graph; off CUDA (tests) the function itself, re-run on every replay. Both only read and
     write the static buffers, so the two behave the same."""
 
-    def __init__(self, fn, pool, use_graph: bool):
+    def __init__(self, fn, pool, stream):
         self.fn, self.graph = fn, None
-        if use_graph:
-            with _side_stream(True):
+        if stream is not None:
+            with _side_stream(stream):
                 fn()  # warm-up: lazy initialisations, autotuning and measured backend choices happen outside capture
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 fn()
 
     def __call__(self) -> None:
@@ -76,12 +79,24 @@ class _Replay:
             self.graph.replay()
 
 
+def length_bucket(max_length: int, budget: int, smallest: int) -> int:
+    """The static longest-sequence length the graphs of a step are captured for: the next power of two (at least
+    `smallest`), within the budget. Varlen attention sizes its grid by it: the budget itself (8,192) cost the LoRA
+    1 x 8192 step 120 ms on an H100 against the real longest sequence of ~600 tokens."""
+    return min(budget, max(smallest, 1 << max(int(max_length) - 1, 0).bit_length()))
+
+
 class GraphedLayers:
     """The shared state of one model's graphed layers: static step inputs, the activation chain, gradient buffers."""
 
-    def __init__(self, layers, token_budget: int, use_graphs: bool, max_sequences: int = 64):
+    def __init__(self, layers, token_budget: int, use_graphs: bool, max_sequences: int = 64,
+                 smallest_length_bucket: int = 512):
         self.budget, self.use_graphs, self.max_sequences = int(token_budget), use_graphs, int(max_sequences)
+        self.smallest_length_bucket = int(smallest_length_bucket)
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.stream = torch.cuda.Stream() if use_graphs else None  # every warm-up and capture runs on this one
+        self.length = self.budget  # this step's static longest-sequence length (a length bucket)
+        self.steps_per_length: dict[int, int] = {}
         self.runners = [_LayerRunner(self, layer, i) for i, layer in enumerate(layers)]
         self.chain: list[torch.Tensor] | None = None  # (1, budget, hidden) x (n_layers + 1)
         self.grads: list[torch.Tensor] | None = None  # (1, budget, hidden) x 2
@@ -144,6 +159,7 @@ class GraphedLayers:
             "cu": torch.full((self.max_sequences + 1,), budget, dtype=torch.int32, device=hidden.device),
         }
         self.step_inputs["cu"][0] = 0
+        self._ramp = torch.arange(1, self.max_sequences + 2, dtype=torch.int32, device=hidden.device)
 
     def _grow(self, sequences: int) -> None:
         """More sequences than the graphs were captured for: double the count and recapture every layer."""
@@ -154,15 +170,18 @@ class GraphedLayers:
         device = self.step_inputs["cu"].device
         self.step_inputs["cu"] = torch.full((self.max_sequences + 1,), self.budget, dtype=torch.int32, device=device)
         self.step_inputs["cu"][0] = 0
+        self._ramp = torch.arange(1, self.max_sequences + 2, dtype=torch.int32, device=device)
         for runner in self.runners:
-            runner.forward_graph = runner.backward_graph = None
+            runner.forward_graphs.clear()
+            runner.backward_graphs.clear()
         if self.use_graphs:  # a fresh pool: recapturing into the old one trips the caching allocator (H100, torch 2.11)
             torch.cuda.synchronize()
             self.pool = torch.cuda.graph_pool_handle()
         self._source = None
 
     def load_step(self, hidden, kwargs) -> None:
-        """Copy this step's positions, RoPE tables and sequence starts into the static buffers (once per step)."""
+        """Copy this step's positions, RoPE tables and sequence starts into the static buffers (once per step). The
+        padding to the budget is cut into sequences no longer than this step's length bucket."""
         cos, sin = kwargs["position_embeddings"]
         cu = kwargs["cu_seq_lens_q"]
         source = (cos, sin, cu)
@@ -170,7 +189,12 @@ class GraphedLayers:
             return
         if self.chain is None:
             self._allocate(hidden, cos, sin, cu)
-        tokens, sequences = hidden.shape[1], cu.numel() - 1 + (hidden.shape[1] < self.budget)
+        longest = kwargs.get("max_length_q")
+        longest = self.budget if longest is None else int(longest)  # the collators give an int (a tensor: one sync)
+        self.length = length_bucket(longest, self.budget, self.smallest_length_bucket)
+        self.steps_per_length[self.length] = self.steps_per_length.get(self.length, 0) + 1
+        tokens = hidden.shape[1]
+        sequences = cu.numel() - 1 + -(-(self.budget - tokens) // self.length)
         if sequences > self.max_sequences:
             self._grow(sequences)
         s = self.step_inputs
@@ -179,14 +203,15 @@ class GraphedLayers:
         positions = kwargs.get("position_ids")
         if positions is not None:
             s["position_ids"][:, :tokens].copy_(positions.expand(1, -1))
-        s["cu"][: cu.numel()].copy_(cu)  # the rest stays `budget`: the padding sequence, then zero-length ones
-        s["cu"][cu.numel():].fill_(self.budget)
+        s["cu"][: cu.numel()].copy_(cu)
+        tail = s["cu"][cu.numel():]  # padding sequences of at most `length` tokens up to the budget, then empty ones
+        torch.clamp(self._ramp[: tail.numel()] * self.length + tokens, max=self.budget, out=tail)
         self._source = source
 
     def layer_kwargs(self, rotation_module, rotation) -> dict:
         s = self.step_inputs
         kwargs = dict(position_embeddings=(s["cos"], s["sin"]), position_ids=s["position_ids"], attention_mask=None,
-                      cu_seq_lens_q=s["cu"], cu_seq_lens_k=s["cu"], max_length_q=self.budget, max_length_k=self.budget)
+                      cu_seq_lens_q=s["cu"], cu_seq_lens_k=s["cu"], max_length_q=self.length, max_length_k=self.length)
         if rotation_module is not None:
             kwargs["so8t_rotations"] = {rotation_module: rotation}
         return kwargs
@@ -203,7 +228,8 @@ class _LayerRunner:
     def __init__(self, stack: GraphedLayers, layer, index: int):
         self.stack, self.layer, self.index = stack, layer, index
         self.params = [p for p in layer.parameters() if p.requires_grad]
-        self.forward_graph = self.backward_graph = None
+        self.forward_graphs: dict[int, _Replay] = {}  # by length bucket
+        self.backward_graphs: dict[int, _Replay] = {}
         self.rotation_key = None  # the So8Rotation module the model's step rotations name for this layer
         self.rotation = None  # static (n, 8, 8) rotation
         self.param_grads: list[torch.Tensor | None] = []
@@ -241,7 +267,7 @@ class _LayerRunner:
         """The first backward: learn which weights get gradients (eagerly), then capture."""
         stack = self.stack
         if not self.param_grads:
-            with torch.enable_grad(), _side_stream(stack.use_graphs):
+            with torch.enable_grad(), _side_stream(stack.stream):
                 x = stack.chain[self.index].detach().requires_grad_(True)
                 rotation = self.rotation.detach().requires_grad_(True) if self.rotation is not None else None
                 out = self._run_layer(x, rotation)
@@ -250,7 +276,7 @@ class _LayerRunner:
             self.param_grads = [torch.zeros_like(p) if g is not None else None for p, g in zip(self.params, used)]
             self.rotation_grad = torch.zeros_like(self.rotation) if self.rotation is not None else None
             del out, used
-        self.backward_graph = _Replay(self._backward_fn, stack.pool, stack.use_graphs)
+        self.backward_graphs[stack.length] = _Replay(self._backward_fn, stack.pool, stack.stream)
 
     def run_forward(self, hidden, rotation):
         stack, i = self.stack, self.index
@@ -263,9 +289,9 @@ class _LayerRunner:
             if self.rotation is None:
                 self.rotation = torch.zeros_like(rotation)
             self.rotation.copy_(rotation)
-        if self.forward_graph is None:
-            self.forward_graph = _Replay(self._forward_fn, stack.pool, stack.use_graphs)
-        self.forward_graph()
+        if stack.length not in self.forward_graphs:
+            self.forward_graphs[stack.length] = _Replay(self._forward_fn, stack.pool, stack.stream)
+        self.forward_graphs[stack.length]()
         stack.replays += 1
         return stack.chain[i + 1].detach()[:, :tokens]
 
@@ -275,9 +301,9 @@ class _LayerRunner:
         if grad_out.data_ptr() != target.data_ptr():
             target[:, :tokens].copy_(grad_out)
             target[:, tokens:].zero_()  # the padding's outputs reach no loss
-        if self.backward_graph is None:
+        if stack.length not in self.backward_graphs:
             self._capture_backward()
-        self.backward_graph()
+        self.backward_graphs[stack.length]()
         stack.replays += 1
         grad_x = stack.grads[i % 2].detach()[:, :tokens] if self.input_needs_grad else None
         grad_rotation = self.rotation_grad.clone() if self.rotation_grad is not None else None
@@ -301,7 +327,7 @@ class _GraphedLayerFunction(torch.autograd.Function):
         ctx.runner, ctx.tokens = runner, hidden.shape[1]
         if runner.input_needs_grad != hidden.requires_grad:  # captured for the other case: capture again
             runner.input_needs_grad = hidden.requires_grad
-            runner.backward_graph = None
+            runner.backward_graphs.clear()
         return runner.run_forward(hidden, rotation)
 
     @staticmethod
@@ -356,7 +382,8 @@ def ungraph_layers(stack: GraphedLayers) -> None:
     for runner in stack.runners:
         runner.layer.__dict__.pop("forward", None)
         runner.layer.gradient_checkpointing = True
-        runner.forward_graph = runner.backward_graph = None
+        runner.forward_graphs.clear()
+        runner.backward_graphs.clear()
     stack.chain = stack.grads = None
     stack.step_inputs = {}
     from so8t_hf.ops.fast_lora import DEQUANT_BUFFER
@@ -409,7 +436,8 @@ class CudaGraphCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.stack is not None:
             self.summary = {"layers": len(self.stack.runners), "replays": self.stack.replays,
-                            "max_sequences": self.stack.max_sequences, "eager_calls": dict(self.stack.fallbacks)}
+                            "max_sequences": self.stack.max_sequences, "eager_calls": dict(self.stack.fallbacks),
+                            "steps_per_length_bucket": dict(self.stack.steps_per_length)}
             if self.stack.fallbacks:
                 logger.info("CUDA graphs: %d graph replays; eager layer calls by reason: %s", self.stack.replays,
                             self.stack.fallbacks)

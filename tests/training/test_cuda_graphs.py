@@ -96,6 +96,38 @@ def test_more_sequences_than_captured_recaptures_with_a_larger_count(caplog):
     assert int(stack.step_inputs["cu"][6]) == 40 and stack.step_inputs["cu"].numel() == 9
 
 
+def test_the_padding_is_cut_to_the_length_bucket_and_each_bucket_has_its_graphs():
+    plain, graphed = _pair(fused=True)
+    stack = graph_layers([m for m in checkpoint_layers(graphed) if m.gradient_checkpointing], 40, use_graphs=False)
+    stack.smallest_length_bucket = 8
+    cases = [([3, 3], 8, [0, 3, 6, 14, 22, 30, 38, 40, 40]), ([7, 12, 5], 16, [0, 7, 19, 24, 40, 40]),
+             ([33], 40, [0, 33, 40, 40]), ([3, 3], 8, None)]
+    for lengths, bucket, starts in cases:
+        batch = _packed_batch(lengths)
+        loss_p, logits_p, grads_p = _step(plain, batch)
+        loss_g, logits_g, grads_g = _step(graphed, batch)
+        assert stack.length == bucket
+        if starts is not None:
+            assert stack.step_inputs["cu"][: len(starts)].tolist() == starts
+            assert int(stack.step_inputs["cu"][-1]) == 40
+        torch.testing.assert_close(loss_g, loss_p, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(logits_g, logits_p, atol=1e-5, rtol=1e-5)
+        for name in grads_p:
+            torch.testing.assert_close(grads_g[name], grads_p[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert all(set(r.forward_graphs) == set(r.backward_graphs) == {8, 16, 40} for r in stack.runners)
+    assert stack.steps_per_length == {8: 2, 16: 1, 40: 1}
+    kwargs = stack.layer_kwargs(None, None)
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 8
+
+
+def test_length_bucket():
+    from so8t_hf.training.cuda_graphs import length_bucket
+
+    assert [length_bucket(n, 8192, 512) for n in (1, 512, 513, 608, 1024, 5000, 8192)] == \
+        [512, 512, 1024, 1024, 1024, 8192, 8192]
+    assert length_bucket(700, 600, 512) == 600  # never above the budget
+
+
 def test_calls_the_graphs_cannot_take_run_the_checkpointed_layer_and_say_why(caplog):
     plain, graphed = _pair(fused=True)
     stack = graph_layers([m for m in checkpoint_layers(graphed) if m.gradient_checkpointing], 16, use_graphs=False)
