@@ -100,11 +100,12 @@ class SO8TConfig(SFTConfig):
                           "'on' (the same, CPU too) or 'off' (PEFT's forward)."},
     )
     cuda_graphs: str = field(
-        default="off",
+        default="auto",
         metadata={"help": "Replay each checkpointed decoder layer as two CUDA graphs (forward; recompute + backward) "
                           "instead of launching its kernels from Python (training/cuda_graphs.py): 'auto' (a CUDA run "
-                          "of one process with padding-free packing), 'on' (the same; an error where the settings "
-                          "forbid it) or 'off'."},
+                          "of one process with padding-free packing whose layers have 4-bit bases: QLoRA is "
+                          "host-bound, float bases are not), 'on' (any base; an error where the settings forbid it) "
+                          "or 'off'."},
     )
     sync_free_metrics: bool = field(
         default=True,

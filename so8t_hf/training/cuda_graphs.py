@@ -89,9 +89,11 @@ def length_bucket(max_length: int, budget: int, smallest: int) -> int:
 class GraphedLayers:
     """The shared state of one model's graphed layers: static step inputs, the activation chain, gradient buffers."""
 
-    def __init__(self, layers, token_budget: int, use_graphs: bool, max_sequences: int = 64,
+    def __init__(self, layers, token_budget: int, use_graphs: bool, max_sequences: int | None = None,
                  smallest_length_bucket: int = 512):
-        self.budget, self.use_graphs, self.max_sequences = int(token_budget), use_graphs, int(max_sequences)
+        self.budget, self.use_graphs = int(token_budget), use_graphs
+        # sequences per micro-batch the graphs are captured for (more: a recapture of every layer, ~1 s)
+        self.max_sequences = int(max_sequences or max(64, self.budget // 64))
         self.smallest_length_bucket = int(smallest_length_bucket)
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.stream = torch.cuda.Stream() if use_graphs else None  # every warm-up and capture runs on this one
@@ -391,6 +393,11 @@ def ungraph_layers(stack: GraphedLayers) -> None:
     DEQUANT_BUFFER.frozen = False
 
 
+def has_4bit_base(layers) -> bool:
+    """Whether any of `layers` holds a bitsandbytes 4-bit linear (a QLoRA base)."""
+    return any(type(m).__name__ == "Linear4bit" for layer in layers for m in layer.modules())
+
+
 def graphs_unusable_reason(args) -> str | None:
     """Why `cuda_graphs` cannot apply to a run with these settings (None: it can)."""
     if not getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", False)):
@@ -408,8 +415,12 @@ def graphs_unusable_reason(args) -> str | None:
 
 class CudaGraphCallback(TrainerCallback):
     """Applies `SO8TConfig.cuda_graphs` at train begin (after the checkpointing memory policy) and undoes it at the
-    end. 'auto': CUDA runs the settings allow; 'on': the same, an error where the settings forbid it, and on a machine
-    without CUDA the eager stand-in (the same buffers and recompute, no graphs: tests)."""
+    end. 'auto': CUDA runs the settings allow whose layers have 4-bit bases; 'on': any base, an error where the
+    settings forbid it, and on a machine without CUDA the eager stand-in (the same buffers and recompute, no graphs:
+    tests). Why 'auto' leaves float bases eager (H100, benchmarks/results/train_h100_cuda_graphs.md): QLoRA 1 x 2048
+    is host-bound (130 ms of GPU work in a 616 ms step) and graphs gave 2.53x at 3.84 GiB (stock 4.01); LoRA on a
+    bf16 base is GPU-bound (430 of 517 ms) and its median step did not move (0.484 vs 0.487 s), while each new length
+    bucket costs a capture step (~1 s)."""
 
     def __init__(self, setting: str, token_budget: int):
         self.setting, self.token_budget, self.stack = setting, int(token_budget), None
@@ -430,6 +441,10 @@ class CudaGraphCallback(TrainerCallback):
         layers = [m for m in checkpoint_layers(model) if m.gradient_checkpointing]
         if not layers:
             logger.info("CUDA graphs off: no decoder layer is checkpointed.")
+            return
+        if self.setting == "auto" and not has_4bit_base(layers):
+            logger.info("CUDA graphs off (auto): the layers have float bases, GPU-bound without graphs; "
+                        "cuda_graphs=on graphs them anyway.")
             return
         self.stack = graph_layers(layers, self.token_budget, use_graphs=cuda)
 

@@ -91,7 +91,7 @@ def test_cuda_graph_layers_match_checkpointing_on_the_gpu(nf4):
             assert err <= 0.02 * scale, f"step {k} {name}: {err} vs max {scale}"
         if k == 0:  # static buffers and graph scratch memory only: one side stream, so one cuBLAS workspace
             graphs_mib = (torch.cuda.memory_allocated() - before) / 2**20
-            assert graphs_mib < 100, f"graphing 3 tiny layers holds {graphs_mib:.0f} MiB"
+            assert graphs_mib < 200, f"graphing 3 tiny layers holds {graphs_mib:.0f} MiB"  # was a stream per graph: 9 x 32+
     assert all(set(r.forward_graphs) == set(r.backward_graphs) == {512} for r in stack.runners)
     assert all(g.graph is not None for r in stack.runners for g in (*r.forward_graphs.values(), *r.backward_graphs.values()))
     assert stack.replays == 5 * 2 * 3 and not stack.fallbacks and stack.max_sequences == 12
