@@ -107,6 +107,11 @@ class SO8TConfig(SFTConfig):
                           "host-bound, float bases are not), 'on' (any base; an error where the settings forbid it) "
                           "or 'off'."},
     )
+    gc_every_steps: int = field(
+        default=50,
+        metadata={"help": "Python garbage collection during training: automatic collection off and a young-generation "
+                          "collection every N optimizer steps (training/gc_control.py); 0 keeps the automatic one."},
+    )
     sync_free_metrics: bool = field(
         default=True,
         metadata={"help": "Keep the per-step metrics (nll, entropy, accuracy, tokens) on the GPU until logging "

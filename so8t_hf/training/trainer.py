@@ -114,6 +114,9 @@ class SO8TTrainer(SFTTrainer):
             self.checkpoint_policy = CheckpointPolicyCallback(
                 args.activation_checkpointing_layers, args.activation_memory_budget_gib, tokens)
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.checkpoint_policy]
+        from so8t_hf.training.gc_control import GarbageCollectionCallback
+
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), GarbageCollectionCallback(args.gc_every_steps)]
         self.cuda_graphs = None
         if args.cuda_graphs != "off":  # after the memory policy: it graphs the layers that stay checkpointed
             from so8t_hf.training.cuda_graphs import CudaGraphCallback
