@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def fused_lora_kinds(setting: str, on_cuda: bool) -> tuple[str, ...] | None:
     """The base kinds `SO8TConfig.fused_lora` fuses: 'on' both, 'auto' both on a CUDA run (H100, 2026-12-07:
-    LoRA 4 x 2048 +12% tokens/s for float bases, QLoRA 1 x 2048 1.18x stock; benchmarks/results/train_h100.md),
+    LoRA 4 x 2048 +12% tokens/s for float bases, QLoRA 1 x 2048 1.17x PEFT's forward; benchmarks/results/train_h100.md),
     'off' or 'auto' off CUDA none (None)."""
     if setting == "on" or (setting == "auto" and on_cuda):
         return ("nf4", "dense")

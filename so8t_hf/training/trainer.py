@@ -12,7 +12,8 @@ Overrides only what it must:
   (`lora_cast_inputs`); `use_liger_kernel` works for SO8T-Phi3 (`integrations/liger.py`);
   `activation_checkpointing_layers` spends spare memory on fewer checkpointed layers (`training/memory.py`);
   `fused_lora` runs each LoRA layer (QLoRA: NF4 dequantise + matmul + adapter) as one autograd Function;
-  `cuda_graphs` replays each checkpointed decoder layer as CUDA graphs (`training/cuda_graphs.py`).
+  `cuda_graphs` replays each checkpointed decoder layer as CUDA graphs (`training/cuda_graphs.py`; `auto`: 4-bit bases);
+  `gc_every_steps` schedules Python's garbage collection (`training/gc_control.py`).
 - `create_optimizer`: the SO(8) generators get their own param group (`so8t_learning_rate`, no decay).
 - `log`: perplexity, learning rates, tokens/s, peak memory, SO(8) health, `loss_fallback_steps`.
 - `evaluation_loop`: adds the thinking metrics of each `ThinkingEvalCallback` (generated replies) to the
