@@ -189,3 +189,17 @@ def test_auto_graphs_layers_with_4bit_bases_only(monkeypatch, caplog):
     layers[1].mlp.add_module("quantised", Linear4bit())
     cuda_graphs.CudaGraphCallback("auto", 64).on_train_begin(args, None, None, model=model)
     assert graphed == [(3, True), (3, True)]
+
+
+def test_gradients_accumulate_over_micro_batches_as_with_checkpointing():
+    plain, graphed = _pair(fused=True)
+    graph_layers([m for m in checkpoint_layers(graphed) if m.gradient_checkpointing], 40, use_graphs=False)
+    grads = []
+    for model in (plain, graphed):
+        model.zero_grad(set_to_none=True)
+        for k, lengths in enumerate([[7, 12, 5], [20, 20], [9, 3]]):  # three micro-batches, one optimizer step
+            (model(**_packed_batch(lengths, seed=k)).loss / 3).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("so8_rotation" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
