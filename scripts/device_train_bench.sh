@@ -5,6 +5,7 @@
 # logs, and every run's JSON / log / profile in bench_runs.tar.gz.
 #   here:   ../shared/tools/device-wheels && cp -r ../shared/fixtures/phi35-tokenizer .fixtures/
 #   device: run(command="bash scripts/device_train_bench.sh", carry=[".whl", ".fixtures"])
+#   flash-attn 4: scripts/fetch_fa4.sh (carry .whl_fa4 too, after scripts/device_stage_fa4.sh on the same warm machine)
 #   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT_KERNELS, TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (bench flags),
 #           TEST_FILES (GPU test paths instead of the default set), MEMORY_ARGS (bench flags of an extra pass with
 #           --memory_trace: what is live at each run's peak), MEMORY_TIMEOUT (s)
@@ -16,8 +17,13 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
+if [ -d .whl_fa4 ] && [ -d /dev/shm/site_fa4 ]; then  # flash-attn 4, staged by scripts/device_stage_fa4.sh
+  for w in .whl_fa4/*.whl; do python3 -m zipfile -e "$w" /dev/shm/site_fa4 || exit 1; done
+  export PYTHONPATH=$PYTHONPATH:/dev/shm/site_fa4:/dev/shm/site_fa4/nvidia_cutlass_dsl/dsl_packages
+elif [ -d .whl_fa4 ]; then echo "flash-attn 4: .whl_fa4 carried but /dev/shm/site_fa4 not staged (machine not warm?)"; fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
   python3 -c "import torch, transformers, triton, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
+  python3 -c "from so8t_hf.integrations.flash_backends import flash_build_status as s; from transformers.utils import is_flash_attn_4_available as a; print('flash_attn_4:', s('flash_attn_4'), '| transformers is_flash_attn_4_available:', a())"
 } 2>&1 | tee "$OUT/device.txt"
 stamp "checkpoint"
 [ -f /dev/shm/phi35-shaped/config.json ] && echo "checkpoint kept from an earlier call" | tee -a "$OUT/device.txt" || \

@@ -180,12 +180,16 @@ def reset_backend_choices() -> None:
 
 def measured_packed_choice(default: str, query, key, mean_len: float | None):
     """(backend, reason) for packed CUDA rows when flash-attn 3 / 4 is usable: `default` and each usable build are
-    timed once per pack shape (tokens, heads, kv heads, head dim, dtype, mean length rounded to a power of 2),
-    forward + backward on random rows of that shape, and the fastest is kept. Without them: (default, None)."""
-    extra = [b for b in ("flash_attn_3", "flash_attn_4") if flash_build_status(b)[0]]
-    if not extra or not query.is_cuda:
+    timed once per pack shape (tokens rounded up and mean length rounded to powers of 2, heads, kv heads, head dim,
+    dtype), forward + backward on random rows of that shape, and the fastest is kept. Without them, or while a CUDA
+    graph is being captured (no timing there): (default, None)."""
+    if not query.is_cuda or torch.cuda.is_current_stream_capturing():
         return default, None
-    tokens, heads, kv_heads, dim = query.shape[2], query.shape[1], key.shape[1], query.shape[3]
+    extra = [b for b in ("flash_attn_3", "flash_attn_4") if flash_build_status(b)[0]]
+    if not extra:
+        return default, None
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    tokens = 2 ** math.ceil(math.log2(max(2, query.shape[2])))  # packs of one token budget share one measurement
     seq = 2 ** round(math.log2(max(2.0, min(mean_len or tokens, tokens))))
     key_ = (tokens, heads, kv_heads, dim, query.dtype, seq, default)
     if key_ not in _MEASURED:

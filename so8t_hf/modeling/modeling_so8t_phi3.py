@@ -14,7 +14,9 @@ Training forwards compute every layer's R once, in `So8tPhi3Model.forward` (outs
 recompute of gradient checkpointing reuses it), through the op `so8t::so8_exp` when so8t_hf registered it (a fp32
 GPU kernel, one launch for all layers), else float64 `torch.linalg.matrix_exp` (one batched call). The rotations
 travel to the layers as the forward keyword `so8t_rotations` ({So8Rotation module: R}). RoPE is looked up on
-transformers' phi3 module at call time, so kernels patched there (Liger's `apply_liger_kernel_to_phi3`) apply.
+transformers' phi3 module at call time, so kernels patched there (Liger's `apply_liger_kernel_to_phi3`) apply; calls
+without a KV cache instead take q, k, v from the op `so8t::qkv_rope` when so8t_hf registered it (one pass that splits
+`qkv_proj`'s output and applies the same RoPE, and one for its gradient).
 """
 
 import logging
@@ -134,7 +136,12 @@ class So8Rotation(nn.Module):
 
 
 class So8tPhi3Attention(Phi3Attention):
-    """Phi-3 attention whose concatenated head outputs are SO(8)-rotated before `o_proj`."""
+    """Phi-3 attention whose concatenated head outputs are SO(8)-rotated before `o_proj`.
+
+    `fused_qkv_rope` (default True): without a KV cache, split `qkv_proj`'s output and apply RoPE through the op
+    `so8t::qkv_rope` when so8t_hf registered it; False keeps transformers' slicing and RoPE."""
+
+    fused_qkv_rope = True
 
     def __init__(self, config: So8tPhi3Config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -147,15 +154,19 @@ class So8tPhi3Attention(Phi3Attention):
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         qkv = self.qkv_proj(hidden_states)
-        query_pos = self.config.num_attention_heads * self.head_dim
-        kv_size = self.num_key_value_heads * self.head_dim
-        query_states = qkv[..., :query_pos].view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
-        key_states = qkv[..., query_pos : query_pos + kv_size].view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
-        value_states = qkv[..., query_pos + kv_size :].view(hidden_shape).transpose(1, 2)
-
         cos, sin = position_embeddings
-        # looked up at call time: kernels patched into transformers' phi3 module (Liger's RoPE) apply here too
-        query_states, key_states = modeling_phi3.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        fused = _registered_op("qkv_rope") if cache is None and self.fused_qkv_rope else None
+        if fused is not None:  # so8t_hf's one-pass split + RoPE: contiguous (B, T, H, D) q, k, v
+            q, k, v = fused(qkv, cos, sin, self.config.num_attention_heads, self.num_key_value_heads, self.head_dim)
+            query_states, key_states, value_states = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            query_pos = self.config.num_attention_heads * self.head_dim
+            kv_size = self.num_key_value_heads * self.head_dim
+            query_states = qkv[..., :query_pos].view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
+            key_states = qkv[..., query_pos : query_pos + kv_size].view(hidden_shape).transpose(1, 2)  # (B, Hkv, T, D)
+            value_states = qkv[..., query_pos + kv_size :].view(hidden_shape).transpose(1, 2)
+            # looked up at call time: kernels patched into transformers' phi3 module (Liger's RoPE) apply here too
+            query_states, key_states = modeling_phi3.apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 

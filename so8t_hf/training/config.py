@@ -99,6 +99,13 @@ class SO8TConfig(SFTConfig):
                           "(training/fused_lora.py): 'auto' (every supported layer, 4-bit or bf16/fp32 base, of a CUDA run), "
                           "'on' (the same, CPU too) or 'off' (PEFT's forward)."},
     )
+    fused_qkv_rope: str = field(
+        default="auto",
+        metadata={"help": "Split each attention layer's qkv_proj output into q, k, v with RoPE in one pass, and its "
+                          "gradient in one (the op so8t::qkv_rope: Triton on CUDA, transformers' arithmetic elsewhere): "
+                          "'auto' / 'on' (every SO8T-Phi3 attention layer, calls without a KV cache) or 'off' "
+                          "(transformers' slicing and RoPE, Liger's when use_liger_kernel)."},
+    )
     cuda_graphs: str = field(
         default="auto",
         metadata={"help": "Replay each checkpointed decoder layer as two CUDA graphs (forward; recompute + backward) "
@@ -142,6 +149,7 @@ class SO8TConfig(SFTConfig):
         self.activation_checkpointing_layers = parse_layers_setting(self.activation_checkpointing_layers)
         self.fused_lora = _auto_on_off("fused_lora", self.fused_lora)
         self.cuda_graphs = _auto_on_off("cuda_graphs", self.cuda_graphs)
+        self.fused_qkv_rope = _auto_on_off("fused_qkv_rope", self.fused_qkv_rope)
         if self.loss_fallback not in ("recover", "error"):
             raise ValueError(f"SO8TConfig.loss_fallback={self.loss_fallback!r}: use 'recover' or 'error'.")
         kwargs = dict(self.gradient_checkpointing_kwargs or {})
