@@ -8,7 +8,8 @@
 #   flash-attn 4: scripts/fetch_fa4.sh (carry .whl_fa4 too, after scripts/device_stage_fa4.sh on the same warm machine)
 #   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT_KERNELS, TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (bench flags),
 #           TEST_FILES (GPU test paths instead of the default set), MEMORY_ARGS (bench flags of an extra pass with
-#           --memory_trace: what is live at each run's peak), MEMORY_TIMEOUT (s)
+#           --memory_trace: what is live at each run's peak), MEMORY_TIMEOUT (s), OPS_BENCH=1 (benchmarks/bench_packed_ops.py
+#           first, OPS_TIMEOUT s)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OUT=${OUT:-/tmp/out}
 WHL=${WHL:-.whl} FIXTURES=${FIXTURES:-.fixtures}
@@ -37,6 +38,11 @@ if [ "${TEST_TIMEOUT:-150}" -gt 0 ]; then
   timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider --durations=8 -s \
     ${TEST_FILES:-tests/ops tests/training tests/integrations} >> "$OUT/gpu_tests.log" 2>&1
   tail -4 "$OUT/gpu_tests.log"
+fi
+if [ -n "${OPS_BENCH:-}" ]; then  # the per-layer ops (q/k/v split + RoPE, attention backends), fwd + bwd
+  stamp "ops bench"
+  timeout "${OPS_TIMEOUT:-150}" python3 benchmarks/bench_packed_ops.py --out "$OUT/packed_ops_h100.md" > /tmp/ops.log 2>&1
+  tail -25 /tmp/ops.log
 fi
 if [ -n "${MEMORY_ARGS:-}" ]; then  # a second pass that records allocations (slow steps: memory, not speed)
   stamp "memory trace"
