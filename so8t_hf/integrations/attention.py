@@ -41,6 +41,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from so8t_hf.integrations.flash_backends import (
     FLASH_BUILDS,
     flash_build_status,
+    isolated_autograd,
     import_functions,
     reset_probes,
     wrap_functions,
@@ -197,9 +198,7 @@ def measured_packed_choice(default: str, query, key, mean_len: float | None):
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=query.device)
         varlen = (cu, max(lengths))
         times = {}
-        # identity saved-tensor hooks: inside a checkpointed layer the checkpoint's own hooks would capture these
-        with torch.enable_grad(), torch.autocast("cuda", enabled=False), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        with isolated_autograd():  # inside a checkpointed layer the checkpoint's hooks would capture these
             q = torch.randn(1, heads, tokens, dim, device=query.device, dtype=query.dtype, requires_grad=True)
             k, v = (torch.randn(1, kv_heads, tokens, dim, device=query.device, dtype=query.dtype, requires_grad=True)
                     for _ in range(2))

@@ -17,6 +17,7 @@ kernels directly instead (no global switch).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -78,9 +79,24 @@ def _reference(q, k, v, cu, scale):
     return torch.cat(out)
 
 
+@contextlib.contextmanager
+def isolated_autograd():
+    """A forward + backward of its own, also where the first attention call runs: inside a checkpointed layer (the
+    checkpoint's saved-tensor hooks would count the probe's tensors as the layer's and recompute the layer when the
+    probe's backward reads them), under no_grad or under autocast."""
+    with torch.enable_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        yield
+
+
 def probe_call(varlen_call, device, dtype=torch.bfloat16) -> str | None:
     """None if a tiny packed causal fwd+bwd through `varlen_call` runs on `device` and matches the reference,
     else the reason (the exception, a wrong shape, non-finite values or a wrong result)."""
+    with isolated_autograd():
+        return _probe_call(varlen_call, device, dtype)
+
+
+def _probe_call(varlen_call, device, dtype) -> str | None:
     gen = torch.Generator().manual_seed(0)
     shape = lambda h: (PROBE_TOKENS, h, PROBE_DIM)  # noqa: E731
     scale = PROBE_DIM**-0.5

@@ -21,62 +21,47 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _heads_rope_kernel(
-    SRC, DST, COS, SIN, n_rows, n_heads, stride_src, stride_dst, stride_cs,
+def _rope_rows_kernel(
+    SRC, DST, COS, SIN, n_rows, n_cols, stride_src, stride_dst, stride_cs,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr, APPLY_ROPE: tl.constexpr,
-    BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One token row x BLOCK_H heads: DST[row, h*D + j] = rope(SRC[row, h*D + j]) (or its transpose, or a copy)."""
-    row = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    half = tl.arange(0, BLOCK_HALF)[None, :]
-    head_ok = heads < n_heads
-    src = SRC + row * stride_src + heads * HEAD_DIM
-    dst = DST + row * stride_dst + heads * HEAD_DIM
+    """A (BLOCK_M rows x BLOCK_N columns) tile of heads laid side by side: column c is column j = c % HEAD_DIM of its
+    head, and its RoPE partner is column c + HALF (j < HALF) or c - HALF (HALF <= j < ROT) of the same head."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    src = SRC + rows * stride_src
+    x = tl.load(src + cols, mask=mask, other=0.0)
     if APPLY_ROPE:
-        m1 = head_ok & (half < HALF)
-        m2 = head_ok & (half < ROT - HALF)
-        x1 = tl.load(src + half, mask=m1, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + half, mask=m2, other=0.0).to(tl.float32)
-        cs = COS + row * stride_cs
-        sn = SIN + row * stride_cs
-        c1 = tl.load(cs + half, mask=half < HALF, other=0.0).to(tl.float32)
-        c2 = tl.load(cs + HALF + half, mask=half < ROT - HALF, other=0.0).to(tl.float32)
-        s1 = tl.load(sn + half, mask=half < HALF, other=0.0).to(tl.float32)
-        s2 = tl.load(sn + HALF + half, mask=half < ROT - HALF, other=0.0).to(tl.float32)
-        if BACKWARD:
-            y1 = x1 * c1 + x2 * s2
-            y2 = x2 * c2 - x1 * s1
-        else:
-            y1 = x1 * c1 - x2 * s1
-            y2 = x2 * c2 + x1 * s2
-        tl.store(dst + half, y1.to(DST.dtype.element_ty), mask=m1)
-        tl.store(dst + HALF + half, y2.to(DST.dtype.element_ty), mask=m2)
-        if BLOCK_PASS > 0:
-            rest = ROT + tl.arange(0, BLOCK_PASS)[None, :]
-            mp = head_ok & (rest < HEAD_DIM)
-            tl.store(dst + rest, tl.load(src + rest, mask=mp, other=0.0), mask=mp)
+        j = cols % HEAD_DIM
+        first = j < HALF
+        rotated = mask & (j < ROT)
+        partner = tl.where(first, cols + HALF, cols - HALF)
+        xp = tl.load(src + partner, mask=rotated, other=0.0).to(tl.float32)
+        c = tl.load(COS + rows * stride_cs + j, mask=rotated, other=1.0).to(tl.float32)  # 1, 0: columns past ROT pass
+        if BACKWARD:  # the transpose: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1
+            s = tl.load(SIN + rows * stride_cs + tl.where(first, j + HALF, j - HALF), mask=rotated, other=0.0)
+            y = x.to(tl.float32) * c + tl.where(first, xp, -xp) * s.to(tl.float32)
+        else:  # y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
+            s = tl.load(SIN + rows * stride_cs + j, mask=rotated, other=0.0)
+            y = x.to(tl.float32) * c + tl.where(first, -xp, xp) * s.to(tl.float32)
+        tl.store(DST + rows * stride_dst + cols, y.to(DST.dtype.element_ty), mask=mask)
     else:
-        cols = tl.arange(0, BLOCK_PASS)[None, :]
-        mp = head_ok & (cols < HEAD_DIM)
-        tl.store(dst + cols, tl.load(src + cols, mask=mp, other=0.0), mask=mp)
+        tl.store(DST + rows * stride_dst + cols, x, mask=mask)
 
 
 def _launch(src, dst, cos, sin, n_heads: int, head_dim: int, rot: int, apply_rope: bool, backward: bool) -> None:
     """src / dst: (rows, >= n_heads * head_dim) views with unit column stride; cos / sin: (rows, rot)."""
-    rows = src.shape[0]
-    if rows == 0 or n_heads == 0:
+    rows, n_cols = src.shape[0], n_heads * head_dim
+    if rows == 0 or n_cols == 0:
         return
-    half = rot // 2
-    block_h = min(16, triton.next_power_of_2(n_heads))
-    block_pass = triton.next_power_of_2(head_dim - rot) if apply_rope and rot < head_dim else 0
-    if not apply_rope:
-        block_pass = triton.next_power_of_2(head_dim)
-    _heads_rope_kernel[(rows, triton.cdiv(n_heads, block_h))](
-        src, dst, cos, sin, rows, n_heads, src.stride(0), dst.stride(0), cos.stride(0),
-        HEAD_DIM=head_dim, HALF=half, ROT=rot, APPLY_ROPE=apply_rope, BACKWARD=backward,
-        BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(max(half, 1)), BLOCK_PASS=block_pass,
-        num_warps=4,
+    block_n = min(1024, triton.next_power_of_2(n_cols))
+    block_m = max(1, 4096 // block_n)
+    _rope_rows_kernel[(triton.cdiv(rows, block_m), triton.cdiv(n_cols, block_n))](
+        src, dst, cos, sin, rows, n_cols, src.stride(0), dst.stride(0), cos.stride(0),
+        HEAD_DIM=head_dim, HALF=rot // 2, ROT=rot, APPLY_ROPE=apply_rope, BACKWARD=backward,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )
 
 

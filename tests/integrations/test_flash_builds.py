@@ -174,3 +174,26 @@ def test_a_usable_fa4_build_is_measured_per_shape_and_the_faster_kept(fake_build
     assert "measured fwd+bwd at 256 tokens" in caplog.text and "flash_attn_4" in caplog.text
     assert so8t_hf.last_backend() in ("torch_varlen", "triton", "flash_attn_4")
     assert len(attention._MEASURED) == 1  # one shape, measured once for both layers
+
+
+def test_a_probe_inside_a_checkpointed_layer_leaves_the_checkpoint_intact(fake_builds):
+    """The first attention call of a training step runs inside a checkpointed layer: the probe's own forward and
+    backward must not reach the checkpoint's saved-tensor hooks (on the H100 they made it recompute the layer inside
+    the probe, so flash-attn 4 was refused and the next backward failed with a different count of saved tensors)."""
+    fake_builds(_fa4_namespace())
+    varlen = wrap_functions(*import_functions("flash_attn_4"))[1]
+    layer = torch.nn.Linear(8, 8)
+    verdicts = []
+
+    def block(x):
+        verdicts.append(probe_call(varlen, torch.device("cpu"), torch.float32))
+        return torch.tanh(layer(x)).square()
+
+    x = torch.randn(4, 8, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert verdicts[0] is None  # the probe ran and matched in the first forward
+    grad_x, grad_w = x.grad.clone(), layer.weight.grad.clone()
+    x.grad = layer.weight.grad = None
+    torch.tanh(layer(x)).square().sum().backward()  # the same block without checkpoint or probe
+    torch.testing.assert_close(grad_x, x.grad)
+    torch.testing.assert_close(grad_w, layer.weight.grad)
