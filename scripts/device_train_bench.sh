@@ -29,12 +29,16 @@ elif [ -d .whl_fa4 ]; then echo "flash-attn 4: .whl_fa4 carried but /dev/shm/sit
 stamp "checkpoint"
 [ -f /dev/shm/phi35-shaped/config.json ] && echo "checkpoint kept from an earlier call" | tee -a "$OUT/device.txt" || \
   python3 scripts/make_phi35_shaped.py --tokenizer "$FIXTURES/phi35-tokenizer" --out /dev/shm/phi35-shaped 2>&1 | tail -1 | tee -a "$OUT/device.txt"
-if [ "${TEST_TIMEOUT:-150}" -gt 0 ]; then
+if [ "${TEST_TIMEOUT_KERNELS:-60}" -gt 0 ]; then  # the kernels' own tests, on CUDA
+  stamp "kernel tests"
+  timeout "${TEST_TIMEOUT_KERNELS:-60}" python3 -m pytest -q -rs -p no:cacheprovider --durations=8 \
+    ${KERNEL_TESTS:-tests/ops/test_qkv_rope.py tests/ops/test_so8_exp.py tests/integrations/test_step_rotations.py \
+    tests/integrations/test_attention_varlen.py tests/ops/test_fast_lora.py tests/training/test_fused_lora.py \
+    tests/integrations/test_flash_builds.py} > "$OUT/gpu_tests.log" 2>&1
+  tail -2 "$OUT/gpu_tests.log"
+fi
+if [ "${TEST_TIMEOUT:-150}" -gt 0 ]; then  # every test marked gpu
   stamp "gpu tests"
-  [ "${TEST_TIMEOUT_KERNELS:-60}" -gt 0 ] && timeout "${TEST_TIMEOUT_KERNELS:-60}" python3 -m pytest -q -rs -p no:cacheprovider --durations=8 \
-    tests/ops/test_so8_exp.py tests/integrations/test_step_rotations.py tests/integrations/test_attention_varlen.py \
-    tests/ops/test_fast_lora.py tests/training/test_fused_lora.py tests/integrations/test_flash_builds.py \
-    > "$OUT/gpu_tests.log" 2>&1
   timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider --durations=8 -s \
     ${TEST_FILES:-tests/ops tests/training tests/integrations} >> "$OUT/gpu_tests.log" 2>&1
   tail -4 "$OUT/gpu_tests.log"
