@@ -6,7 +6,7 @@
 #   here:   ../shared/tools/device-wheels && cp -r ../shared/fixtures/phi35-tokenizer .fixtures/
 #   device: run(command="bash scripts/device_train_bench.sh", carry=[".whl", ".fixtures"])
 #   flash-attn 4: scripts/fetch_fa4.sh (carry .whl_fa4 too, after scripts/device_stage_fa4.sh on the same warm machine)
-#   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT_KERNELS, TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (bench flags),
+#   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT_KERNELS (0 skips; KERNEL_TESTS: their paths), TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (bench flags),
 #           TEST_FILES (GPU test paths instead of the default set), MEMORY_ARGS (bench flags of an extra pass with
 #           --memory_trace: what is live at each run's peak), MEMORY_TIMEOUT (s), OPS_BENCH=1 (benchmarks/bench_packed_ops.py
 #           first, OPS_TIMEOUT s)
