@@ -35,12 +35,12 @@ WORKLOADS = {"lora_4x2048": (4, 2048, False), "qlora_1x2048": (1, 2048, True), "
 SYSTEMS = {"lora_4x2048": ("trl_stock", "trl_liger_fa4", "so8t_hf"), "qlora_1x2048": ("trl_stock", "so8t_hf"),
            "lora_1x8192": ("trl_stock", "trl_liger_fa4", "so8t_hf")}
 N_PARAMS = 3.82e9
-FAST = "sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off"
-BEFORE = "sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off"
+FAST = "sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off,cuda_graphs=off"
+BEFORE = "sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off"
 CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override="cuda_graphs=on"),
                     "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")
-QKV_ROPE_RUNG = ("fused_qkv_rope", dict(override=""),
-                 "+ q/k/v split with RoPE in one pass, its gradient in one (= the recipe: fused_qkv_rope=auto)")
+QKV_ROPE_RUNG = ("fused_qkv_rope", dict(override="fused_qkv_rope=on"),
+                 "+ q/k/v split with RoPE in one pass, its gradient in one (fused_qkv_rope=on, opt-in)")
 # The ladder (LoRA 4 x 2048): each rung switches one more optimisation on; the last full rung is the recipe itself.
 LADDER = [
     ("baseline", dict(packing="false", override=f"so8t_attn_backend=sdpa,use_liger_kernel=false,{BEFORE}", legacy=True),
@@ -52,7 +52,7 @@ LADDER = [
     ("fused_kernels", dict(override=BEFORE, legacy=True), "+ Liger RMSNorm / SwiGLU / RoPE"),
     ("rotation_kernel", dict(override=BEFORE), "+ R once per step, fp32 GPU exponential"),
     ("host_dtype", dict(override=FAST), "+ sync-free loss, LoRA inputs in bf16, dropout off (issue 16's recipe)"),
-    ("fused_lora", dict(override="fused_qkv_rope=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
+    ("fused_lora", dict(override=""), "+ fused LoRA linear on the bf16 base (= the recipe: fused_lora=auto)"),
     QKV_ROPE_RUNG,
     CUDA_GRAPHS_RUNG,
     ("memory_policy", dict(override="activation_checkpointing_layers=auto"),
@@ -61,18 +61,19 @@ LADDER = [
 # The other workloads' ladders: the rungs this issue added, from issue 16's recipe up.
 LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward over bitsandbytes' 4-bit matmul)"),
-    ("fused_lora", dict(override="cuda_graphs=off,fused_qkv_rope=off"), "+ fused NF4 dequantise + matmul + LoRA"),
-    ("cuda_graphs", dict(override="fused_qkv_rope=off"), "+ each checkpointed layer as CUDA graphs (cuda_graphs=auto "
+    ("fused_lora", dict(override="cuda_graphs=off"), "+ fused NF4 dequantise + matmul + LoRA"),
+    ("cuda_graphs", dict(override=""), "+ each checkpointed layer as CUDA graphs (= the recipe: cuda_graphs=auto "
      "graphs 4-bit bases)"),
-    ("fused_qkv_rope", dict(override=""), "+ q/k/v split with RoPE in one pass, its gradient in one (= the recipe)")],
+    ("fused_qkv_rope", dict(override="fused_qkv_rope=on"), "+ q/k/v split with RoPE in one pass, its gradient in one "
+     "(fused_qkv_rope=on, opt-in)")],
     "lora_1x8192": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward)"),
-    ("fused_lora", dict(override="fused_qkv_rope=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
+    ("fused_lora", dict(override=""), "+ fused LoRA linear on the bf16 base (= the recipe: fused_lora=auto)"),
     QKV_ROPE_RUNG,
     CUDA_GRAPHS_RUNG]}
 # the rung that is the main table's so8t_hf run (the recipe: fused_lora=auto fuses every supported layer on CUDA;
-# cuda_graphs=auto graphs the layers of 4-bit bases; fused_qkv_rope=auto, the last rung of each ladder but LoRA's graphs)
-RECIPE_RUNG = {"lora_4x2048": "fused_qkv_rope", "qlora_1x2048": "fused_qkv_rope", "lora_1x8192": "fused_qkv_rope"}
+# cuda_graphs=auto graphs the layers of 4-bit bases, so QLoRA's recipe is its graphs rung; fused_qkv_rope is opt-in)
+RECIPE_RUNG = {"lora_4x2048": "fused_lora", "qlora_1x2048": "cuda_graphs", "lora_1x8192": "fused_lora"}
 
 
 def ladder_name(workload: str, rung: str) -> str:

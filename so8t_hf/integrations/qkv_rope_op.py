@@ -1,14 +1,15 @@
 """Phi-3's q / k / v split with RoPE as the `torch.library` op `so8t::qkv_rope` (forward and backward).
 
-SO8T-Phi3 attention (remote-code copies included) looks the op up (`torch.ops.so8t.qkv_rope`) and, when it is
-registered and the call has no KV cache, takes contiguous q, k, v from it instead of slicing `qkv_proj`'s output into
-strided views and applying transformers' (or Liger's) RoPE. Its backward writes the gradient of `qkv` in one pass
-instead of adding three zero-filled slice gradients (`so8t_hf.ops.qkv_rope` says what that saves).
+SO8T-Phi3 attention layers with `fused_qkv_rope` set (`SO8TConfig(fused_qkv_rope="on")`; remote-code copies too)
+look the op up (`torch.ops.so8t.qkv_rope`) and, when it is registered and the call has no KV cache, take contiguous
+q, k, v from it instead of slicing `qkv_proj`'s output into strided views and applying transformers' (or Liger's)
+RoPE. Its backward writes the gradient of `qkv` in one pass instead of adding three zero-filled slice gradients
+(`so8t_hf.ops.qkv_rope` says what that saves).
 
 Backend per call: the Triton kernels of `so8t_hf.ops.qkv_rope` for CUDA tensors when triton is installed, else
 transformers' RoPE arithmetic in torch (the same numbers as the unfused path); `SO8T_QKV_ROPE_BACKEND=auto|triton|
 torch` overrides (`triton` also runs under `TRITON_INTERPRET=1` on the CPU, for tests). Each (backend, reason) is
-logged once at INFO. `SO8TConfig.fused_qkv_rope='off'` (or `attention.fused_qkv_rope = False`) keeps the unfused path.
+logged once at INFO.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ Training forwards compute every layer's R once, in `So8tPhi3Model.forward` (outs
 recompute of gradient checkpointing reuses it), through the op `so8t::so8_exp` when so8t_hf registered it (a fp32
 GPU kernel, one launch for all layers), else float64 `torch.linalg.matrix_exp` (one batched call). The rotations
 travel to the layers as the forward keyword `so8t_rotations` ({So8Rotation module: R}). RoPE is looked up on
-transformers' phi3 module at call time, so kernels patched there (Liger's `apply_liger_kernel_to_phi3`) apply; calls
-without a KV cache instead take q, k, v from the op `so8t::qkv_rope` when so8t_hf registered it (one pass that splits
-`qkv_proj`'s output and applies the same RoPE, and one for its gradient).
+transformers' phi3 module at call time, so kernels patched there (Liger's `apply_liger_kernel_to_phi3`) apply; with
+`fused_qkv_rope` set on the attention layers, calls without a KV cache instead take q, k, v from the op
+`so8t::qkv_rope` when so8t_hf registered it (one pass that splits `qkv_proj`'s output and applies the same RoPE, and
+one for its gradient).
 """
 
 import logging
@@ -138,10 +139,11 @@ class So8Rotation(nn.Module):
 class So8tPhi3Attention(Phi3Attention):
     """Phi-3 attention whose concatenated head outputs are SO(8)-rotated before `o_proj`.
 
-    `fused_qkv_rope` (default True): without a KV cache, split `qkv_proj`'s output and apply RoPE through the op
-    `so8t::qkv_rope` when so8t_hf registered it; False keeps transformers' slicing and RoPE."""
+    `fused_qkv_rope` (default False; `SO8TConfig(fused_qkv_rope="on")` sets it): without a KV cache, split
+    `qkv_proj`'s output and apply RoPE through the op `so8t::qkv_rope` when so8t_hf registered it; False keeps
+    transformers' slicing and RoPE."""
 
-    fused_qkv_rope = True
+    fused_qkv_rope = False
 
     def __init__(self, config: So8tPhi3Config, layer_idx: int):
         super().__init__(config, layer_idx)

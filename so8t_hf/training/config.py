@@ -100,11 +100,12 @@ class SO8TConfig(SFTConfig):
                           "'on' (the same, CPU too) or 'off' (PEFT's forward)."},
     )
     fused_qkv_rope: str = field(
-        default="auto",
+        default="off",
         metadata={"help": "Split each attention layer's qkv_proj output into q, k, v with RoPE in one pass, and its "
                           "gradient in one (the op so8t::qkv_rope: Triton on CUDA, transformers' arithmetic elsewhere): "
-                          "'auto' / 'on' (every SO8T-Phi3 attention layer, calls without a KV cache) or 'off' "
-                          "(transformers' slicing and RoPE, Liger's when use_liger_kernel)."},
+                          "'on' (every SO8T-Phi3 attention layer, calls without a KV cache) or 'off' / 'auto' "
+                          "(transformers' slicing and RoPE, Liger's when use_liger_kernel). Off by default until its "
+                          "end-to-end effect is measured on a GPU (benchmarks/results/train_h100.md)."},
     )
     cuda_graphs: str = field(
         default="auto",

@@ -148,6 +148,9 @@ def test_so8t_phi3_with_the_op_matches_the_unfused_path(monkeypatch, backend):
     monkeypatch.setenv("SO8T_QKV_ROPE_BACKEND", backend)
     model = tiny_so8t(partial_rotary_factor=0.5).to(DEVICE).train()
     randomize_rotations(model)
+    for module in model.modules():
+        if hasattr(module, "fused_qkv_rope"):
+            module.fused_qkv_rope = True
     ids = random_ids(2, 12).to(DEVICE)
     calls = []
     real = torch.ops.so8t.qkv_rope
@@ -171,9 +174,38 @@ def test_generation_with_a_cache_keeps_the_unfused_path(monkeypatch):
     from tiny_models import random_ids, tiny_so8t
 
     model = tiny_so8t()
+    for module in model.modules():
+        if hasattr(module, "fused_qkv_rope"):
+            module.fused_qkv_rope = True
     calls = []
     real = torch.ops.so8t.qkv_rope
     monkeypatch.setattr(torch.ops.so8t, "qkv_rope", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         model.generate(random_ids(1, 4), max_new_tokens=3, do_sample=False)
     assert calls == []
+
+
+def test_the_op_is_opt_in_and_the_trainer_turns_it_on(tmp_path, monkeypatch):
+    from tiny_models import random_ids, tiny_so8t, tiny_tokenizer, token_dataset
+
+    from so8t_hf.training.peft_setup import default_lora_config
+    from so8t_hf.training.trainer import SO8TConfig, SO8TTrainer
+
+    calls = []
+    real = torch.ops.so8t.qkv_rope
+    monkeypatch.setattr(torch.ops.so8t, "qkv_rope", lambda *a: calls.append(1) or real(*a))
+    model = tiny_so8t()
+    with torch.no_grad():
+        model(input_ids=random_ids(1, 6), use_cache=False)
+    assert calls == []  # a plain SO8T-Phi3 keeps transformers' path
+    for setting, expected in (("off", False), ("on", True)):
+        args = SO8TConfig(output_dir=str(tmp_path / setting), max_steps=1, per_device_train_batch_size=2,
+                          report_to=[], use_cpu=True, bf16=False, max_length=32, save_strategy="no",
+                          fused_qkv_rope=setting, dataloader_num_workers=0, disable_tqdm=True)
+        trainer = SO8TTrainer(model=tiny_so8t(), args=args, train_dataset=token_dataset(),
+                              processing_class=tiny_tokenizer(), peft_config=default_lora_config(r=4, alpha=8, dropout=0.0))
+        flags = {m.fused_qkv_rope for m in trainer.model.modules() if hasattr(m, "qkv_proj") and hasattr(m, "fused_qkv_rope")}
+        assert flags == {expected}
+        calls.clear()
+        trainer.train()
+        assert bool(calls) == expected  # the training forwards took the op only when it was on
