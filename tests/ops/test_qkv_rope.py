@@ -38,14 +38,33 @@ def _stock(qkv, cos, sin, heads, kv_heads, head_dim):
     return q.transpose(1, 2), k.transpose(1, 2), v
 
 
+def _use_backend(monkeypatch, backend: str) -> None:
+    """Route the op to `backend`; a Triton backend skips where the kernels cannot run."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from so8t_hf.ops import triton_available
+
+        if not triton_available():
+            pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("SO8T_QKV_ROPE_BACKEND", backend)
+
+
+def _set_fused(model, on: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "fused_qkv_rope"):
+            module.fused_qkv_rope = on
+
+
+def _count_op_calls(monkeypatch) -> list:
+    """A list that gains an entry each time the model calls torch.ops.so8t.qkv_rope."""
+    calls, real = [], torch.ops.so8t.qkv_rope
+    monkeypatch.setattr(torch.ops.so8t, "qkv_rope", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
-    pytest.importorskip("triton")
-    from so8t_hf.ops import triton_available
-
-    if not triton_available():
-        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setenv("SO8T_QKV_ROPE_BACKEND", "triton")
+    _use_backend(monkeypatch, "triton")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -117,13 +136,7 @@ def test_odd_or_too_wide_rotary_is_refused(triton_backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(monkeypatch, backend):
-    if backend == "triton":
-        pytest.importorskip("triton")
-        from so8t_hf.ops import triton_available
-
-        if not triton_available():
-            pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setenv("SO8T_QKV_ROPE_BACKEND", backend)
+    _use_backend(monkeypatch, backend)
     qkv, cos, sin = _inputs(1, 4, 2, 1, 8, 8, torch.float32)
     torch.library.opcheck(torch.ops.so8t.qkv_rope.default, (qkv.requires_grad_(), cos, sin, 2, 1, 8))
 
@@ -139,27 +152,15 @@ def _loss_and_grads(model, ids):
 def test_so8t_phi3_with_the_op_matches_the_unfused_path(monkeypatch, backend):
     from tiny_models import random_ids, randomize_rotations, tiny_so8t
 
-    if backend == "triton":
-        pytest.importorskip("triton")
-        from so8t_hf.ops import triton_available
-
-        if not triton_available():
-            pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setenv("SO8T_QKV_ROPE_BACKEND", backend)
+    _use_backend(monkeypatch, backend)
     model = tiny_so8t(partial_rotary_factor=0.5).to(DEVICE).train()
     randomize_rotations(model)
-    for module in model.modules():
-        if hasattr(module, "fused_qkv_rope"):
-            module.fused_qkv_rope = True
+    _set_fused(model, True)
     ids = random_ids(2, 12).to(DEVICE)
-    calls = []
-    real = torch.ops.so8t.qkv_rope
-    monkeypatch.setattr(torch.ops.so8t, "qkv_rope", lambda *a: calls.append(1) or real(*a))
+    calls = _count_op_calls(monkeypatch)
     fused_logits, fused_grads = _loss_and_grads(model, ids)
     assert len(calls) == model.config.num_hidden_layers  # every layer took the op
-    for module in model.modules():
-        if hasattr(module, "fused_qkv_rope"):
-            module.fused_qkv_rope = False
+    _set_fused(model, False)
     plain_logits, plain_grads = _loss_and_grads(model, ids)
     assert len(calls) == model.config.num_hidden_layers  # ... and none did once it is off
     assert fused_grads.keys() == plain_grads.keys() and any("qkv_proj" in n for n in fused_grads)
@@ -174,12 +175,8 @@ def test_generation_with_a_cache_keeps_the_unfused_path(monkeypatch):
     from tiny_models import random_ids, tiny_so8t
 
     model = tiny_so8t()
-    for module in model.modules():
-        if hasattr(module, "fused_qkv_rope"):
-            module.fused_qkv_rope = True
-    calls = []
-    real = torch.ops.so8t.qkv_rope
-    monkeypatch.setattr(torch.ops.so8t, "qkv_rope", lambda *a: calls.append(1) or real(*a))
+    _set_fused(model, True)
+    calls = _count_op_calls(monkeypatch)
     with torch.no_grad():
         model.generate(random_ids(1, 4), max_new_tokens=3, do_sample=False)
     assert calls == []
@@ -191,9 +188,7 @@ def test_the_op_is_opt_in_and_the_trainer_turns_it_on(tmp_path, monkeypatch):
     from so8t_hf.training.peft_setup import default_lora_config
     from so8t_hf.training.trainer import SO8TConfig, SO8TTrainer
 
-    calls = []
-    real = torch.ops.so8t.qkv_rope
-    monkeypatch.setattr(torch.ops.so8t, "qkv_rope", lambda *a: calls.append(1) or real(*a))
+    calls = _count_op_calls(monkeypatch)
     model = tiny_so8t()
     with torch.no_grad():
         model(input_ids=random_ids(1, 6), use_cache=False)
