@@ -9,6 +9,12 @@ and gives dx = dy @ W + (s dy @ B) @ A, dA = (s dy @ B)^T @ x, dB = s dy^T @ (x 
 saved. Everything runs in the autocast dtype when autocast is on (else x's dtype); the adapter gradients are returned
 in the adapters' dtype (fp32 adapters stay fp32).
 
+Recompute (`output_unused_in_recompute`): while activation checkpointing recomputes a layer for its backward, a
+linear whose output that backward never reads (a Phi-3 decoder layer's `mlp.down_proj`: only the residual add, the
+layer's output, follows it) skips `x @ W^T` and the adapter product: the saved tensors (x, x @ A^T) are all the
+backward needs, and the returned tensor is left unwritten. "Recomputing" is detected as running inside a backward pass
+(`torch._C._current_graph_task_id() != -1`), where a forward runs only for checkpointing's recompute.
+
 Limits: one adapter, no dropout, no DoRA, no adapter bias, a frozen base (the integration falls back to PEFT's own
 forward otherwise). `DequantBuffer` assumes one CUDA stream (every user of the buffer is ordered on it).
 Origin: the pattern of Unsloth's `fast_lora` (`matmul_lora`, LoRA_W), written from the maths above.
@@ -57,18 +63,20 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight_fn, lora_a, lora_b, scale, bias):
+    def forward(ctx, x, weight_fn, lora_a, lora_b, scale, bias, output_unused_in_recompute=False):
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)  # (N, in)
         with torch.autocast(x.device.type, enabled=False):
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            weight = weight_fn()
-            out = x2 @ weight.to(dtype).t()  # (N, out)
             xa = x2 @ a.t()  # (N, r)
-            out.addmm_(xa, b.t(), alpha=scale)
-            if bias is not None:
-                out += bias.to(dtype)
+            if output_unused_in_recompute and recomputing():
+                out = x2.new_empty(x2.shape[0], lora_b.shape[0])  # nothing reads it (see the module docstring)
+            else:
+                out = x2 @ weight_fn().to(dtype).t()  # (N, out)
+                out.addmm_(xa, b.t(), alpha=scale)
+                if bias is not None:
+                    out += bias.to(dtype)
         ctx.save_for_backward(x2, xa, lora_a, lora_b)
         ctx.weight_fn, ctx.scale, ctx.dtype, ctx.in_shape, ctx.x_dtype = weight_fn, scale, dtype, shape, x.dtype
         return out.view(*shape[:-1], out.shape[-1])
@@ -89,17 +97,23 @@ class LoraLinearFunction(torch.autograd.Function):
                 grad_x.addmm_(d_xa, a)
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.x_dtype)
         return (grad_x, None, grad_a.to(lora_a.dtype) if grad_a is not None else None,
-                grad_b.to(lora_b.dtype) if grad_b is not None else None, None, None)
+                grad_b.to(lora_b.dtype) if grad_b is not None else None, None, None, None)
+
+
+def recomputing() -> bool:
+    """True inside a backward pass: a forward there is activation checkpointing's recompute."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def lora_linear(x: torch.Tensor, weight_fn, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) -> (..., out): the fused LoRA linear. `weight_fn()` returns the frozen (out, in) base weight."""
+                bias: torch.Tensor | None = None, output_unused_in_recompute: bool = False) -> torch.Tensor:
+    """x (..., in) -> (..., out): the fused LoRA linear. `weight_fn()` returns the frozen (out, in) base weight.
+    `output_unused_in_recompute`: in checkpointing's recompute, skip the output (see the module docstring)."""
     r, fan_in = lora_a.shape
     assert x.shape[-1] == fan_in, f"x has {x.shape[-1]} features, lora_A expects {fan_in}"
     assert lora_b.shape[1] == r, f"lora_B {tuple(lora_b.shape)} does not match lora_A rank {r}"
     assert bias is None or not bias.requires_grad, "the fused LoRA linear keeps the base bias frozen"
-    return LoraLinearFunction.apply(x, weight_fn, lora_a, lora_b, float(scale), bias)
+    return LoraLinearFunction.apply(x, weight_fn, lora_a, lora_b, float(scale), bias, bool(output_unused_in_recompute))
 
 
 def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None):

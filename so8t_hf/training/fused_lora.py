@@ -5,7 +5,9 @@ or a bf16 base + adapter, in one autograd Function per layer instead of PEFT's c
 when the layer is in the simple case (one active adapter, not merged, no dropout in training, no DoRA, no adapter
 bias, a frozen base, a plain call) and PEFT's own forward otherwise, so nothing changes semantics. A 4-bit base is
 dequantised with bitsandbytes' `dequantize_4bit` into one reused buffer (the largest weight), forward and backward.
-`disable_fused_lora(model)` restores PEFT's forwards. Switch: `SO8TConfig.fused_lora` ('auto': every supported
+`lean_recompute(model)` marks each Phi-3 decoder layer's fused `mlp.down_proj` to skip its matmul in checkpointing's
+recompute (`ops/fast_lora.py`: the layer's backward never reads that output; about a fifth of a layer's recompute
+FLOPs; `SO8TConfig.lean_recompute`). `disable_fused_lora(model)` restores PEFT's forwards. Switch: `SO8TConfig.fused_lora` ('auto': every supported
 layer, 4-bit and float bases, of a CUDA run; 'on': the same on the CPU too; 'off'); `fused_lora_kinds` decides.
 """
 
@@ -81,7 +83,7 @@ def _fused_forward(self, x, *args, **kwargs):
         return self._so8t_peft_forward(x, *args, **kwargs)
     base = self.get_base_layer()
     return lora_linear(x, self._so8t_weight_fn, self.lora_A[name].weight, self.lora_B[name].weight,
-                       self.scaling[name], base.bias)
+                       self.scaling[name], base.bias, getattr(self, "_so8t_unused_in_recompute", False))
 
 
 def enable_fused_lora(model: torch.nn.Module, kinds=("nf4", "dense")) -> dict[str, int]:
@@ -139,6 +141,40 @@ def reserve_dequant_buffer(modules) -> int:
     return largest[0]
 
 
+_MLP_FORWARDS = ("Phi3MLP.forward", "LigerPhi3SwiGLUMLP.forward")  # both return down_proj(...) as the MLP's output
+
+
+def _output_only_feeds_the_residual(layer) -> bool:
+    """A Phi-3 decoder layer as transformers (or Liger's SwiGLU) computes it: `residual + dropout(mlp(x))` with
+    `mlp(x) = down_proj(...)`, so nothing in the layer's backward reads `down_proj`'s output."""
+    import inspect
+
+    from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
+
+    # transformers re-wraps `forward` in each subclass (output capturing): compare what the wrappers wrap
+    if not isinstance(layer, Phi3DecoderLayer) or "forward" in vars(layer) or \
+            inspect.unwrap(type(layer).forward) is not inspect.unwrap(Phi3DecoderLayer.forward):
+        return False
+    mlp = getattr(layer, "mlp", None)
+    forward = getattr(getattr(mlp, "forward", None), "__func__", None)
+    return forward is not None and getattr(forward, "__qualname__", "") in _MLP_FORWARDS
+
+
+def lean_recompute(model: torch.nn.Module) -> int:
+    """Mark the fused `mlp.down_proj` of every Phi-3 decoder layer to skip its output in checkpointing's recompute;
+    returns how many were marked (layers of other shapes, or on PEFT's own forward, are left as they are)."""
+    marked = 0
+    for layer in model.modules():
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if down is not None and hasattr(down, "_so8t_peft_forward") and _output_only_feeds_the_residual(layer):
+            down._so8t_unused_in_recompute = True
+            marked += 1
+    if marked:
+        logger.info("lean recompute: %d decoder layers skip mlp.down_proj's matmul when checkpointing recomputes them "
+                    "(its output is never read there; lean_recompute=off turns it off)", marked)
+    return marked
+
+
 def disable_fused_lora(model: torch.nn.Module) -> int:
     """Restore PEFT's own forward on every layer `enable_fused_lora` changed; returns how many."""
     restored = 0
@@ -149,5 +185,6 @@ def disable_fused_lora(model: torch.nn.Module) -> int:
             else:
                 del module.forward  # the class's forward again
             del module._so8t_peft_forward, module._so8t_weight_fn, module._so8t_own_forward
+            module.__dict__.pop("_so8t_unused_in_recompute", None)
             restored += 1
     return restored

@@ -11,7 +11,8 @@ Overrides only what it must:
 - Speed settings: under bf16/fp16 autocast the LoRA layers stop casting their inputs to the fp32 adapters
   (`lora_cast_inputs`); `use_liger_kernel` works for SO8T-Phi3 (`integrations/liger.py`);
   `activation_checkpointing_layers` spends spare memory on fewer checkpointed layers (`training/memory.py`);
-  `fused_lora` runs each LoRA layer (QLoRA: NF4 dequantise + matmul + adapter) as one autograd Function;
+  `fused_lora` runs each LoRA layer (QLoRA: NF4 dequantise + matmul + adapter) as one autograd Function, and
+  `lean_recompute` skips `mlp.down_proj`'s matmul in checkpointing's recompute (nothing reads it there);
   `fused_qkv_rope=on` splits each layer's qkv into q, k, v with RoPE in one pass (`integrations/qkv_rope_op.py`);
   `cuda_graphs` replays each checkpointed decoder layer as CUDA graphs (`training/cuda_graphs.py`; `auto`: 4-bit bases);
   `gc_every_steps` schedules Python's garbage collection (`training/gc_control.py`).
@@ -147,6 +148,10 @@ class SO8TTrainer(SFTTrainer):
             from so8t_hf.training.fused_lora import enable_fused_lora
 
             self.fused_lora_counts = enable_fused_lora(self.model, kinds)
+            if args.lean_recompute != "off" and args.activation_checkpointing:
+                from so8t_hf.training.fused_lora import lean_recompute
+
+                self.fused_lora_counts["lean_recompute"] = lean_recompute(self.model)
         self._pending: list[torch.Tensor] = []  # per-micro-step metric tensors, read at `log`
         self._pending_tokens: list[torch.Tensor] = []
         self._pending_pet: list[torch.Tensor] = []

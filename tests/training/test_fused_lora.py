@@ -91,7 +91,8 @@ def test_trainer_switch_keeps_the_loss_curve(tmp_path, switch):
 
     trainer, curve = losses(switch)
     if switch == "on":
-        assert trainer.fused_lora_counts == {"nf4": 0, "dense": 8, "unsupported": 0, "off": 0}  # 2 layers x 4 targets
+        assert trainer.fused_lora_counts == {"nf4": 0, "dense": 8, "unsupported": 0, "off": 0,
+                                           "lean_recompute": 2}  # 2 layers x 4 targets; 2 down_proj
         _, reference = losses("off")
         assert len(curve) == 3
         for got, want in zip(curve, reference):
