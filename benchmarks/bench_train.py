@@ -39,6 +39,8 @@ FAST = "sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lor
 BEFORE = "sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off"
 CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override="cuda_graphs=on"),
                     "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")
+LEAN_RUNG = ("lean_recompute", dict(override=""),
+             "+ the recompute skips mlp.down_proj's unread matmul (= the recipe: lean_recompute=auto)")
 QKV_ROPE_RUNG = ("fused_qkv_rope", dict(override="fused_qkv_rope=on"),
                  "+ q/k/v split with RoPE in one pass, its gradient in one (fused_qkv_rope=on, opt-in)")
 # The ladder (LoRA 4 x 2048): each rung switches one more optimisation on; the last full rung is the recipe itself.
@@ -52,7 +54,8 @@ LADDER = [
     ("fused_kernels", dict(override=BEFORE, legacy=True), "+ Liger RMSNorm / SwiGLU / RoPE"),
     ("rotation_kernel", dict(override=BEFORE), "+ R once per step, fp32 GPU exponential"),
     ("host_dtype", dict(override=FAST), "+ sync-free loss, LoRA inputs in bf16, dropout off (issue 16's recipe)"),
-    ("fused_lora", dict(override=""), "+ fused LoRA linear on the bf16 base (= the recipe: fused_lora=auto)"),
+    ("fused_lora", dict(override="lean_recompute=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
+    LEAN_RUNG,
     QKV_ROPE_RUNG,
     CUDA_GRAPHS_RUNG,
     ("memory_policy", dict(override="activation_checkpointing_layers=auto"),
@@ -61,19 +64,23 @@ LADDER = [
 # The other workloads' ladders: the rungs this issue added, from issue 16's recipe up.
 LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward over bitsandbytes' 4-bit matmul)"),
-    ("fused_lora", dict(override="cuda_graphs=off"), "+ fused NF4 dequantise + matmul + LoRA"),
-    ("cuda_graphs", dict(override=""), "+ each checkpointed layer as CUDA graphs (= the recipe: cuda_graphs=auto "
+    ("fused_lora", dict(override="cuda_graphs=off,lean_recompute=off"), "+ fused NF4 dequantise + matmul + LoRA"),
+    ("cuda_graphs", dict(override="lean_recompute=off"), "+ each checkpointed layer as CUDA graphs (cuda_graphs=auto "
      "graphs 4-bit bases)"),
+    ("lean_recompute", dict(override=""), "+ the recompute skips mlp.down_proj's unread dequantise + matmul (= the "
+     "recipe: lean_recompute=auto)"),
     ("fused_qkv_rope", dict(override="fused_qkv_rope=on"), "+ q/k/v split with RoPE in one pass, its gradient in one "
      "(fused_qkv_rope=on, opt-in)")],
     "lora_1x8192": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward)"),
-    ("fused_lora", dict(override=""), "+ fused LoRA linear on the bf16 base (= the recipe: fused_lora=auto)"),
+    ("fused_lora", dict(override="lean_recompute=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
+    LEAN_RUNG,
     QKV_ROPE_RUNG,
     CUDA_GRAPHS_RUNG]}
 # the rung that is the main table's so8t_hf run (the recipe: fused_lora=auto fuses every supported layer on CUDA;
-# cuda_graphs=auto graphs the layers of 4-bit bases, so QLoRA's recipe is its graphs rung; fused_qkv_rope is opt-in)
-RECIPE_RUNG = {"lora_4x2048": "fused_lora", "qlora_1x2048": "cuda_graphs", "lora_1x8192": "fused_lora"}
+# cuda_graphs=auto graphs the layers of 4-bit bases; lean_recompute=auto is on wherever fused LoRA is, so each
+# recipe is its lean_recompute rung; fused_qkv_rope is opt-in)
+RECIPE_RUNG = {"lora_4x2048": "lean_recompute", "qlora_1x2048": "lean_recompute", "lora_1x8192": "lean_recompute"}
 
 
 def ladder_name(workload: str, rung: str) -> str:
@@ -102,9 +109,15 @@ def plan(args) -> list[dict]:
             runs.append(dict(name=ladder_name(workload, rung), workload=workload, system="so8t_hf", batch=batch,
                              length=length, qlora=qlora, steps=args.ladder_steps, override=spec.get("override", ""),
                              legacy=spec.get("legacy", False), packing=spec.get("packing", "true"),
-                             profile=args.profile_steps if workload == "qlora_1x2048" else 0))
+                             profile=args.profile_steps))
     if args.only:
         runs = [r for r in runs if any(r["name"].startswith(o) for o in args.only)]
+    for spec in args.tries:  # exploration: our recipe with extra overrides, reported apart from the tables
+        workload, label, override = spec.split(":", 2)
+        batch, length, qlora = WORKLOADS[workload]
+        runs.append(dict(name=f"try_{workload}.{label}", workload=workload, system="so8t_hf", batch=batch,
+                         length=length, qlora=qlora, steps=args.ladder_steps, override=override, legacy=False,
+                         packing="true", profile=args.profile_steps))
     return runs
 
 
@@ -232,6 +245,18 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
                              f"{r['peak_gib']:.2f} | {r.get('checkpointed_layers') if r.get('checkpointed_layers') is not None else 'all'} | {loss} |")
             lines.append("")
         workloads.append(entry)
+    tries = {name: r for name, r in results.items() if name.startswith("try_")}
+    if tries:
+        lines += ["## Tries (the recipe with extra overrides; not part of the tables)", "",
+                  "| run | overrides | tokens/s | peak GiB | MFU | first / last loss |", "| --- | --- | ---: | ---: | ---: | --- |"]
+        for name, r in tries.items():
+            mfu = f"{4 * N_PARAMS * r['tokens_per_s'] / flops:.1%}" if flops else "-"
+            loss = f"{r['losses'][0]:.3f} / {r['losses'][-1]:.3f}" if r.get("losses") else "-"
+            flags = r.get("override") or []
+            flags = ", ".join(f"{k.lstrip('-')}={v}" for k, v in zip(flags[::2], flags[1::2])) or "-"
+            lines.append(f"| {name} | {flags} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['peak_gib']:.2f} | {mfu} | {loss} |")
+        lines.append("")
     lines += ["## Profiles (torch.profiler, last steps of the run)", ""]
     for name, r in results.items():
         if "profile" in r:
@@ -239,7 +264,11 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
             shares = ", ".join(f"{k} {v:.0%}" for k, v in p["shares"].items())
             lines.append(f"- {name}: device {p['device_ms_per_step']:.0f} ms / wall {p['wall_ms_per_step']:.0f} ms per step "
                          f"(host gaps {1 - p['device_ms_per_step'] / p['wall_ms_per_step']:.0%}); {shares}"
-                         + (f"; per step {p['runtime_per_step']}" if p.get("runtime_per_step") else ""))
+                         + (f"; per step {p['runtime_per_step']}" if p.get("runtime_per_step") else "")
+                         + (f"; GPU idle {p['gpu_idle']['idle_ms_per_step']} ms per step in "
+                            f"{p['gpu_idle']['gaps_per_step']} gaps, most under: " + "; ".join(
+                                f"{h['outermost']} > {h['innermost']} {h['ms_per_step']} ms"
+                                for h in p['gpu_idle']['by_host_op'][:4]) if p.get("gpu_idle") else ""))
     lines.append("")
     (out / "train_h100.md").write_text("\n".join(lines) + "\n")
     payload = {"device": device, "command": command, "peak_bf16_tflops": flops and flops / 1e12, "n_params": N_PARAMS,
@@ -261,6 +290,9 @@ def main(argv=None) -> None:
     p.add_argument("--parallel", type=int, default=3)
     p.add_argument("--timeout", type=float, default=420, help="seconds for all runs; later runs are skipped")
     p.add_argument("--only", nargs="*", default=None, help="run names starting with these")
+    p.add_argument("--tries", nargs="*", default=[], metavar="WORKLOAD:LABEL:OVERRIDES",
+                   help="extra runs of our recipe, e.g. lora_1x8192:workers:dataloader_num_workers=2 (named "
+                        "try_<workload>.<label>, --ladder_steps steps, profiled, reported apart from the tables)")
     p.add_argument("--memory_trace", action="store_true", help="record every run's CUDA allocations and write what is "
                    "live at its peak (runs/<name>.memory.txt); recording slows the steps, so its speeds are not results")
     args = p.parse_args(argv)

@@ -202,6 +202,52 @@ def _count_tokens(trainer, counter):
     trainer.data_collator = counting
 
 
+def gpu_idle(kernels, cpu_ops, steps: int, min_gap_us: float = 20.0, top: int = 12) -> dict:
+    """Where the GPU waits on the host. `kernels`: (start, end) us of every device kernel; `cpu_ops`: (start, end,
+    name, outermost name) of the host ops. Each gap of at least `min_gap_us` between busy intervals is charged to the
+    innermost host op that spans it (and that op's outermost ancestor), else to "(no single host op)". Returns the idle
+    ms per step, the gap count per step and the `top` (outermost, innermost) pairs by idle ms per step."""
+    busy = []
+    for start, end in sorted(kernels):
+        if busy and start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end])
+    gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] - a[1] >= min_gap_us]
+    ops = sorted(cpu_ops)
+    charged: dict = {}
+    active, i = [], 0
+    for start, end in gaps:  # sweep: `active` holds the host ops begun before this gap and not over by its start
+        while i < len(ops) and ops[i][0] <= start:
+            active.append(ops[i])
+            i += 1
+        active = [op for op in active if op[1] >= start]
+        spanning = [op for op in active if op[1] >= end]
+        key = ("(no single host op)", "") if not spanning else (lambda op: (op[3], op[2]))(
+            min(spanning, key=lambda op: op[1] - op[0]))
+        charged[key] = charged.get(key, 0.0) + (end - start)
+    ranked = sorted(charged.items(), key=lambda kv: -kv[1])[:top]
+    return {"idle_ms_per_step": round(sum(e - s for s, e in gaps) / 1e3 / steps, 2),
+            "gaps_per_step": round(len(gaps) / steps, 1),
+            "by_host_op": [{"outermost": k[0], "innermost": k[1], "ms_per_step": round(v / 1e3 / steps, 2)}
+                           for k, v in ranked]}
+
+
+def _host_ops(prof) -> list[tuple]:
+    """(start, end, name, outermost ancestor's name) of every host event of a profile."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU:
+            continue
+        root = e
+        while getattr(root, "cpu_parent", None) is not None:
+            root = root.cpu_parent
+        out.append((e.time_range.start, e.time_range.end, e.name[:80], root.name[:80]))
+    return out
+
+
 def _profile_summary(prof, steps: int, wall: float) -> dict:
     """Device time per step (sum of CUDA kernel durations), wall time per step, and the share of the device time
     spent in the aten ops the issue named (self device time: no double counting), plus the top-30 table."""
@@ -239,8 +285,11 @@ def _profile_summary(prof, steps: int, wall: float) -> dict:
             runtime["graph_replays"] += 1
     runtime = {k: round(v / steps, 2) for k, v in runtime.items()}
     table += "\n\nCUDA runtime calls per step: " + json.dumps(runtime)
+    idle = gpu_idle([(e.time_range.start, e.time_range.end) for e in kernels], _host_ops(prof), steps)
+    table += "\n\nGPU idle between kernels (gaps >= 20 us), per step: " + json.dumps(idle, indent=1)
     return {"device_ms_per_step": total / 1e3 / steps, "wall_ms_per_step": wall * 1e3 / steps,
-            "shares": {k: v / max(total, 1) for k, v in shares.items()}, "runtime_per_step": runtime, "table": table}
+            "shares": {k: v / max(total, 1) for k, v in shares.items()}, "runtime_per_step": runtime,
+            "gpu_idle": idle, "table": table}
 
 
 def main(argv=None) -> None:
