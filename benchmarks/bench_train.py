@@ -35,14 +35,14 @@ WORKLOADS = {"lora_4x2048": (4, 2048, False), "qlora_1x2048": (1, 2048, True), "
 SYSTEMS = {"lora_4x2048": ("trl_stock", "trl_liger_fa4", "so8t_hf"), "qlora_1x2048": ("trl_stock", "so8t_hf"),
            "lora_1x8192": ("trl_stock", "trl_liger_fa4", "so8t_hf")}
 N_PARAMS = 3.82e9
-FAST = "sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off,cuda_graphs=off"
-BEFORE = "sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off"
+FAST = "sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off"
+BEFORE = "sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off"
 CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override="cuda_graphs=on"),
                     "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")
-LEAN_RUNG = ("lean_recompute", dict(override=""),
-             "+ the recompute skips mlp.down_proj's unread matmul (= the recipe: lean_recompute=auto)")
-QKV_ROPE_RUNG = ("fused_qkv_rope", dict(override="fused_qkv_rope=on"),
-                 "+ q/k/v split with RoPE in one pass, its gradient in one (fused_qkv_rope=on, opt-in)")
+LEAN_RUNG = ("lean_recompute", dict(override="fused_qkv_rope=off"),
+             "+ the recompute skips mlp.down_proj's unread matmul (lean_recompute=auto)")
+QKV_ROPE_RUNG = ("fused_qkv_rope", dict(override=""),
+                 "+ q/k/v split with RoPE in one pass, its gradient in one (= the recipe: fused_qkv_rope=auto)")
 # The ladder (LoRA 4 x 2048): each rung switches one more optimisation on; the last full rung is the recipe itself.
 LADDER = [
     ("baseline", dict(packing="false", override=f"so8t_attn_backend=sdpa,use_liger_kernel=false,{BEFORE}", legacy=True),
@@ -54,7 +54,7 @@ LADDER = [
     ("fused_kernels", dict(override=BEFORE, legacy=True), "+ Liger RMSNorm / SwiGLU / RoPE"),
     ("rotation_kernel", dict(override=BEFORE), "+ R once per step, fp32 GPU exponential"),
     ("host_dtype", dict(override=FAST), "+ sync-free loss, LoRA inputs in bf16, dropout off (issue 16's recipe)"),
-    ("fused_lora", dict(override="lean_recompute=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
+    ("fused_lora", dict(override="lean_recompute=off,fused_qkv_rope=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
     LEAN_RUNG,
     QKV_ROPE_RUNG,
     CUDA_GRAPHS_RUNG,
@@ -64,23 +64,24 @@ LADDER = [
 # The other workloads' ladders: the rungs this issue added, from issue 16's recipe up.
 LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward over bitsandbytes' 4-bit matmul)"),
-    ("fused_lora", dict(override="cuda_graphs=off,lean_recompute=off"), "+ fused NF4 dequantise + matmul + LoRA"),
-    ("cuda_graphs", dict(override="lean_recompute=off"), "+ each checkpointed layer as CUDA graphs (cuda_graphs=auto "
-     "graphs 4-bit bases)"),
-    ("lean_recompute", dict(override=""), "+ the recompute skips mlp.down_proj's unread dequantise + matmul (= the "
-     "recipe: lean_recompute=auto)"),
-    ("fused_qkv_rope", dict(override="fused_qkv_rope=on"), "+ q/k/v split with RoPE in one pass, its gradient in one "
-     "(fused_qkv_rope=on, opt-in)")],
+    ("fused_lora", dict(override="cuda_graphs=off,lean_recompute=off,fused_qkv_rope=off"),
+     "+ fused NF4 dequantise + matmul + LoRA"),
+    ("cuda_graphs", dict(override="lean_recompute=off,fused_qkv_rope=off"), "+ each checkpointed layer as CUDA graphs "
+     "(cuda_graphs=auto graphs 4-bit bases)"),
+    ("lean_recompute", dict(override="fused_qkv_rope=off"), "+ the recompute skips mlp.down_proj's unread dequantise + "
+     "matmul (lean_recompute=auto)"),
+    ("fused_qkv_rope", dict(override=""), "+ q/k/v split with RoPE in one pass, its gradient in one (= the recipe: "
+     "fused_qkv_rope=auto)")],
     "lora_1x8192": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward)"),
-    ("fused_lora", dict(override="lean_recompute=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
+    ("fused_lora", dict(override="lean_recompute=off,fused_qkv_rope=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
     LEAN_RUNG,
     QKV_ROPE_RUNG,
     CUDA_GRAPHS_RUNG]}
 # the rung that is the main table's so8t_hf run (the recipe: fused_lora=auto fuses every supported layer on CUDA;
-# cuda_graphs=auto graphs the layers of 4-bit bases; lean_recompute=auto is on wherever fused LoRA is, so each
-# recipe is its lean_recompute rung; fused_qkv_rope is opt-in)
-RECIPE_RUNG = {"lora_4x2048": "lean_recompute", "qlora_1x2048": "lean_recompute", "lora_1x8192": "lean_recompute"}
+# cuda_graphs=auto graphs the layers of 4-bit bases; lean_recompute=auto is on wherever fused LoRA is and
+# fused_qkv_rope=auto on CUDA, so each recipe is its fused_qkv_rope rung)
+RECIPE_RUNG = {"lora_4x2048": "fused_qkv_rope", "qlora_1x2048": "fused_qkv_rope", "lora_1x8192": "fused_qkv_rope"}
 
 
 def ladder_name(workload: str, rung: str) -> str:
@@ -207,7 +208,7 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
              f"Workload: a random Phi-3.5-mini-shaped checkpoint (3.82B), the real Phi-3.5 tokenizer, {data_stats}; "
              f"LoRA r16 on qkv/o/gate_up/down, bf16, packing (padding-free), non-reentrant checkpointing, fused AdamW, "
              f"gradient accumulation 1. Tokens/s over steps {args.warmup + 1}-{args.warmup + args.steps} (after "
-             f"{args.warmup} warm-up steps; a CUDA sync ends each step); peak = max allocated once the model is on the "
+             f"{args.warmup} warm-up steps; each step timed on the GPU by CUDA events, no sync per step); peak = max allocated once the model is on the "
              f"GPU. MFU = 4 x {N_PARAMS / 1e9:.2f}e9 x tokens/s over {flops / 1e12 if flops else 0:.0f} TFLOP/s "
              f"(dense bf16 peak of the card).", ""]
     for workload in WORKLOADS:

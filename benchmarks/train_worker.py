@@ -5,8 +5,8 @@ next run's preparation overlaps this one's loading without sharing the GPU. The 
 run prepares under a shared hold of `--quiet_lock`, and the GPU holder takes it exclusively before its first step, so
 it waits for the preparations under way and none starts until its steps are done (host-bound runs, QLoRA above all,
 were slowed and made uneven by other runs loading 3.8B models beside them). On the GPU: the trainer, `warmup` steps,
-`steps` timed steps (a CUDA sync closes each step; tokens counted by the collator, on the host), then optional
-profiled steps. Writes one JSON result: tokens/s over the timed steps, peak GiB (max allocated after the model is on
+`steps` timed steps (timed by CUDA events on the GPU's timeline, no sync per step: `StepTimer`; tokens counted by the
+collator, on the host), then optional profiled steps. Writes one JSON result: tokens/s over the timed steps, peak GiB (max allocated after the model is on
 the GPU), every step's time and loss, the attention backends used.
 
 Systems: `trl_stock` (TRL SFTTrainer + PEFT, stock Phi-3, sdpa), `trl_liger` (same + use_liger_kernel),
@@ -135,16 +135,38 @@ def build_so8t(a, data_dir, out_dir):
 
 
 class StepTimer:
-    """Callback: wall time of every optimizer step (closed by a CUDA sync), tokens from the collator, profiling."""
+    """Callback: the duration of every optimizer step, tokens from the collator, profiling.
+
+    On CUDA a step is timed on the GPU's own timeline: an event is recorded on the stream at each step's end, and
+    the events are read once, after training (`times()`), so the host is never made to wait mid-run: as in real
+    training, where nothing synchronises each step, the host may prepare the next step while the GPU finishes this
+    one, and a step whose host work the GPU has to wait for shows that wait. On the CPU (smoke tests): wall time."""
 
     def __init__(self, counter, profile_from: int, profile_dir: str | None):
         import torch
 
-        self.torch, self.counter, self.times, self.tokens = torch, counter, [], []
-        self.sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: smoke tests
-        self.profile_from, self.profile_dir, self.prof = profile_from, profile_dir, None
+        self.torch, self.counter, self.tokens = torch, counter, []
         self.cuda = torch.cuda.is_available()
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.profile_from, self.profile_dir, self.prof = profile_from, profile_dir, None
+        self.marks = []  # one per step end: a CUDA event, or perf_counter() on the CPU
+        self.start = None
         self.peak_before_steps, self.step_peaks, self.step_ends = 0.0, [], []  # GiB: max allocated in each step, allocated after it
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = self.torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def times(self) -> list[float]:
+        """Seconds of each step (syncs once)."""
+        self.sync()
+        marks = [self.start, *self.marks]
+        if not self.cuda:
+            return [b - a for a, b in zip(marks, marks[1:])]
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
 
     def callback(self):
         from transformers import TrainerCallback
@@ -161,21 +183,19 @@ class StepTimer:
                     timer.prof = timer.torch.profiler.profile(activities=activities)
                     timer.prof.__enter__()
                     timer.prof_start = time.perf_counter()
-                if not timer.times and not hasattr(timer, "t0"):
+                if timer.start is None:
                     timer.sync()
-                    timer.t0, timer.n0 = time.perf_counter(), timer.counter[0]
+                    timer.start, timer.n0 = timer._mark(), timer.counter[0]
                 if timer.cuda:
                     if not timer.step_peaks:
                         timer.peak_before_steps = timer.torch.cuda.max_memory_allocated() / 2**30
                     timer.torch.cuda.reset_peak_memory_stats()
 
             def on_step_end(self, args, state, control, **kw):
-                timer.sync()
-                now = time.perf_counter()
-                timer.times.append(now - timer.t0)
+                timer.marks.append(timer._mark())
                 timer.tokens.append(timer.counter[0] - timer.n0)
-                timer.t0, timer.n0 = now, timer.counter[0]
-                if timer.cuda:
+                timer.n0 = timer.counter[0]
+                if timer.cuda:  # the caching allocator's counters are host-side: no sync
                     timer.step_peaks.append(timer.torch.cuda.max_memory_allocated() / 2**30)
                     timer.step_ends.append(timer.torch.cuda.memory_allocated() / 2**30)
 
@@ -375,11 +395,13 @@ def main(argv=None) -> None:
 
             backends = dict(BACKEND_COUNTS)
         n = a.warmup + a.steps
-        timed_t, timed_n = timer.times[a.warmup:n], timer.tokens[a.warmup:n]
+        step_times = timer.times()
+        timed_t, timed_n = step_times[a.warmup:n], timer.tokens[a.warmup:n]
         result = dict(
             name=a.name, system=a.system, batch=a.batch, max_length=a.max_length, qlora=a.qlora,
             tokens_per_s=sum(timed_n) / sum(timed_t), peak_gib=peak,
-            tokens_per_s_median_step=statistics.median(n / t for n, t in zip(timed_n, timed_t)), step_times=timer.times, step_tokens=timer.tokens,
+            tokens_per_s_median_step=statistics.median(n / t for n, t in zip(timed_n, timed_t)), step_times=step_times, step_tokens=timer.tokens,
+            step_timing="cuda events at each step end, read after training (no sync per step)" if timer.cuda else "wall",
             step_peak_gib=timer.step_peaks, step_end_gib=timer.step_ends, peak_before_steps_gib=timer.peak_before_steps,
             reserved_end_gib=torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
             losses=[float(x) for x in losses], backends=backends, prep_s=prep_s,

@@ -10,8 +10,11 @@ kernel) > `sdpa` > `chunked` (exact online-softmax PyTorch, bounded memory) > `e
 sync): `torch_varlen` up to `TORCH_VARLEN_MAX_MEAN_LEN` tokens, our kernel above. Measured on an H100, fwd+bwd,
 H32 D96: 20 SFT rows in 8,192 tokens, varlen_attn 0.735 ms vs ours 1.069 ms; 22 rows in 27k tokens, ours 1.10x
 (issue 16; DESIGN.md's anchors). Where flash-attn 3 or 4 is usable (`flash_backends.py`: detected by a tiny call,
-not by package name), `auto` measures it against that choice once per pack shape, forward and backward, and keeps the
-faster (`measured_packed_choice`, logged). With the collator's `cu_seq_lens_q` / `max_length_q` (TRL's padding-free
+not by package name), `auto` measures it against our kernel once per shape of packs of long sequences (mean length
+above `TORCH_VARLEN_MAX_MEAN_LEN`), forward and backward, and keeps the faster (`measured_packed_choice`, logged).
+Packs of shorter sequences keep varlen_attn unmeasured: there flash-attn 4 was at most 8% faster in attention (under
+1% of a training step), and each shape it meets costs it a compile of seconds (H100, LoRA 1 x 8192: 4.3 s steps
+among 0.47 s ones; benchmarks/results/train_h100.md). With the collator's `cu_seq_lens_q` / `max_length_q` (TRL's padding-free
 collator passes them) no layer synchronises with the host.
 
 Masks. The mask function returns `None` for plain causal attention (bottom-right aligned when a KV
@@ -466,7 +469,7 @@ def so8t_attention_forward(module, query, key, value, attention_mask, dropout=0.
     config = getattr(module, "config", None)
     requested = _forced[-1] if _forced else os.environ.get("SO8T_ATTN_BACKEND") or getattr(config, "so8t_attn_backend", "auto")
     backend, reason = choose_backend(requested, query, keep_mask is not None, packed, dropout, mean_len)
-    if requested == "auto" and packed and backend in ("torch_varlen", "triton"):
+    if requested == "auto" and packed and backend == "triton":  # long sequences (see the module docstring)
         backend, measured = measured_packed_choice(backend, query, key, mean_len)
         reason = measured or reason
     _record(backend, reason)

@@ -1,6 +1,6 @@
 """Phi-3's q / k / v split with RoPE as the `torch.library` op `so8t::qkv_rope` (forward and backward).
 
-SO8T-Phi3 attention layers with `fused_qkv_rope` set (`SO8TConfig(fused_qkv_rope="on")`; remote-code copies too)
+SO8T-Phi3 attention layers with `fused_qkv_rope` set (`SO8TConfig.fused_qkv_rope`: `auto` on CUDA runs; remote-code copies too)
 look the op up (`torch.ops.so8t.qkv_rope`) and, when it is registered and the call has no KV cache, take contiguous
 q, k, v from it instead of slicing `qkv_proj`'s output into strided views and applying transformers' (or Liger's)
 RoPE. Its backward writes the gradient of `qkv` in one pass instead of adding three zero-filled slice gradients

@@ -139,7 +139,7 @@ class So8Rotation(nn.Module):
 class So8tPhi3Attention(Phi3Attention):
     """Phi-3 attention whose concatenated head outputs are SO(8)-rotated before `o_proj`.
 
-    `fused_qkv_rope` (default False; `SO8TConfig(fused_qkv_rope="on")` sets it): without a KV cache, split
+    `fused_qkv_rope` (default False; `SO8TConfig.fused_qkv_rope`, `auto` on CUDA runs, sets it): without a KV cache, split
     `qkv_proj`'s output and apply RoPE through the op `so8t::qkv_rope` when so8t_hf registered it; False keeps
     transformers' slicing and RoPE."""
 

@@ -13,7 +13,7 @@ Overrides only what it must:
   `activation_checkpointing_layers` spends spare memory on fewer checkpointed layers (`training/memory.py`);
   `fused_lora` runs each LoRA layer (QLoRA: NF4 dequantise + matmul + adapter) as one autograd Function, and
   `lean_recompute` skips `mlp.down_proj`'s matmul in checkpointing's recompute (nothing reads it there);
-  `fused_qkv_rope=on` splits each layer's qkv into q, k, v with RoPE in one pass (`integrations/qkv_rope_op.py`);
+  `fused_qkv_rope` (auto: CUDA runs) splits each layer's qkv into q, k, v with RoPE in one pass (`integrations/qkv_rope_op.py`);
   `cuda_graphs` replays each checkpointed decoder layer as CUDA graphs (`training/cuda_graphs.py`; `auto`: 4-bit bases);
   `gc_every_steps` schedules Python's garbage collection (`training/gc_control.py`).
 - `create_optimizer`: the SO(8) generators get their own param group (`so8t_learning_rate`, no decay).
@@ -137,11 +137,13 @@ class SO8TTrainer(SFTTrainer):
                     uncast += 1
             if uncast:
                 logger.info("LoRA: %d layers take their inputs in the autocast dtype (lora_cast_inputs=False).", uncast)
-        if args.fused_qkv_rope == "on":
+        if args.fused_qkv_rope == "on" or (args.fused_qkv_rope == "auto" and torch.cuda.is_available()
+                                           and not args.use_cpu):
             layers = [m for m in self.model.modules() if hasattr(m, "fused_qkv_rope") and hasattr(m, "qkv_proj")]
             for module in layers:
                 module.fused_qkv_rope = True
-            logger.info("q/k/v split + RoPE: so8t::qkv_rope in %d attention layers (fused_qkv_rope=on).", len(layers))
+            logger.info("q/k/v split + RoPE: so8t::qkv_rope in %d attention layers (fused_qkv_rope=%s).", len(layers),
+                        args.fused_qkv_rope)
         self.fused_lora_counts = None
         kinds = fused_lora_kinds(args.fused_lora, torch.cuda.is_available() and not args.use_cpu)
         if kinds:

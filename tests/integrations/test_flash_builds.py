@@ -145,6 +145,21 @@ def test_measured_choice_keeps_the_default_without_flash_3_or_4(fake_builds):
     assert attention.measured_packed_choice("torch_varlen", q, q[:, :2], 32.0) == ("torch_varlen", None)
 
 
+@pytest.mark.parametrize("default, measured", [("torch_varlen", False), ("triton", True)])
+def test_auto_measures_flash_builds_on_packs_of_long_sequences_only(monkeypatch, default, measured):
+    """Short-sequence packs (auto's torch_varlen) are not measured: flash-attn 4 compiles per shape for seconds there
+    and gains under 1% of a step; long-sequence packs (auto's triton) are."""
+    calls = []
+    monkeypatch.setattr(attention, "choose_backend", lambda *a: (default, "auto's choice"))
+    monkeypatch.setattr(attention, "measured_packed_choice", lambda b, *a: calls.append(b) or (b, None))
+    monkeypatch.setitem(attention._BACKEND_FORWARD, default, lambda q, k, v, *a: q.transpose(1, 2))
+    q = torch.randn(1, 2, 12, 8)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    attention.so8t_attention_forward(None, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
+                                     max_length_k=7)
+    assert calls == ([default] if measured else [])
+
+
 def test_auto_on_a_gpu_does_not_pick_the_fa4_namespace(fake_builds, monkeypatch):
     """The crash: on a CUDA machine with flash-attn-4, auto picked `flash_attn` from find_spec alone."""
     fake_builds(_fa4_namespace())
@@ -164,15 +179,15 @@ def test_a_usable_fa4_build_is_measured_per_shape_and_the_faster_kept(fake_build
     assert flash_build_status("flash_attn_4")[0]
     model = tiny_so8t(seed=0, attn_implementation="so8t", hidden_size=768, num_attention_heads=8,
                       num_key_value_heads=8, intermediate_size=1536).cuda().bfloat16()
-    lengths = [100, 60, 96]
+    lengths = [1500, 1100]  # long sequences: where auto measures flash-attn builds
     ids = random_ids(1, sum(lengths)).cuda()
-    cu = torch.tensor([0, 100, 160, 256], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, 1500, 2600], dtype=torch.int32, device="cuda")
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
     with caplog.at_level(logging.INFO, logger="so8t_hf"):
-        model(input_ids=ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=100,
-              max_length_k=100).logits.float().sum().backward()
-    assert "measured fwd+bwd at 256 tokens" in caplog.text and "flash_attn_4" in caplog.text
-    assert so8t_hf.last_backend() in ("torch_varlen", "triton", "flash_attn_4")
+        model(input_ids=ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=1500,
+              max_length_k=1500).logits.float().sum().backward()
+    assert "measured fwd+bwd at 4096 tokens" in caplog.text and "flash_attn_4" in caplog.text
+    assert so8t_hf.last_backend() in ("triton", "flash_attn_4")
     assert len(attention._MEASURED) == 1  # one shape, measured once for both layers
 
 

@@ -82,7 +82,7 @@ def test_triton_forward_and_backward_match_float64(triton_backend, shape, dtype)
         assert (got.double() - want).abs().max().item() < tol * (1 + want.abs().max().item())
     g = torch.Generator().manual_seed(3)
     grads = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ref]
-    torch.autograd.backward(ref, grads)
+    torch.autograd.backward(ref, [t.to(ref_in.device) for t in grads])  # on the GPU, the reference runs there too
     torch.autograd.backward(out, [t.to(DEVICE, dtype) for t in grads])
     assert x.grad.shape == qkv.shape and x.grad.dtype == dtype
     assert (x.grad.double().cpu() - ref_in.grad.cpu()).abs().max().item() < tol * (1 + ref_in.grad.abs().max().item())
@@ -182,7 +182,7 @@ def test_generation_with_a_cache_keeps_the_unfused_path(monkeypatch):
     assert calls == []
 
 
-def test_the_op_is_opt_in_and_the_trainer_turns_it_on(tmp_path, monkeypatch):
+def test_auto_turns_the_op_on_for_cuda_runs_only_and_on_turns_it_on(tmp_path, monkeypatch):
     from tiny_models import random_ids, tiny_so8t, tiny_tokenizer, token_dataset
 
     from so8t_hf.training.peft_setup import default_lora_config
@@ -193,7 +193,8 @@ def test_the_op_is_opt_in_and_the_trainer_turns_it_on(tmp_path, monkeypatch):
     with torch.no_grad():
         model(input_ids=random_ids(1, 6), use_cache=False)
     assert calls == []  # a plain SO8T-Phi3 keeps transformers' path
-    for setting, expected in (("off", False), ("on", True)):
+    assert SO8TConfig(output_dir=str(tmp_path), use_cpu=True).fused_qkv_rope == "auto"
+    for setting, expected in (("off", False), ("auto", False), ("on", True)):  # auto: a CPU run keeps it off
         args = SO8TConfig(output_dir=str(tmp_path / setting), max_steps=1, per_device_train_batch_size=2,
                           report_to=[], use_cpu=True, bf16=False, max_length=32, save_strategy="no",
                           fused_qkv_rope=setting, dataloader_num_workers=0, disable_tqdm=True)
