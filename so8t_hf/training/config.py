@@ -110,7 +110,7 @@ class SO8TConfig(SFTConfig):
         default="auto",
         metadata={"help": "Split each attention layer's qkv_proj output into q, k, v with RoPE in one pass, and its "
                           "gradient in one (the op so8t::qkv_rope: Triton on CUDA, transformers' arithmetic elsewhere): "
-                          "'auto' (every SO8T-Phi3 attention layer of a CUDA run; H100, LoRA 1 x 8192: 7% less device "
+                          "'auto' (every SO8T-Phi3 attention layer of a CUDA run; H100, LoRA 1 x 8192: 7%% less device "
                           "time per step than Liger's RoPE, benchmarks/results/train_h100.md), 'on' (CPU runs too) or "
                           "'off' (transformers' slicing and RoPE, Liger's when use_liger_kernel)."},
     )
