@@ -246,17 +246,20 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
                              f"{r['peak_gib']:.2f} | {r.get('checkpointed_layers') if r.get('checkpointed_layers') is not None else 'all'} | {loss} |")
             lines.append("")
         workloads.append(entry)
-    tries = {name: r for name, r in results.items() if name.startswith("try_")}
+    tries = []
+    for name, r in results.items():
+        if name.startswith("try_"):
+            flags = r.get("override") or []
+            tries.append({**_row(name, r, flops), "overrides": ", ".join(
+                f"{k.lstrip('-')}={v}" for k, v in zip(flags[::2], flags[1::2])) or "-"})
     if tries:
         lines += ["## Tries (the recipe with extra overrides; not part of the tables)", "",
                   "| run | overrides | tokens/s | peak GiB | MFU | first / last loss |", "| --- | --- | ---: | ---: | ---: | --- |"]
-        for name, r in tries.items():
-            mfu = f"{4 * N_PARAMS * r['tokens_per_s'] / flops:.1%}" if flops else "-"
-            loss = f"{r['losses'][0]:.3f} / {r['losses'][-1]:.3f}" if r.get("losses") else "-"
-            flags = r.get("override") or []
-            flags = ", ".join(f"{k.lstrip('-')}={v}" for k, v in zip(flags[::2], flags[1::2])) or "-"
-            lines.append(f"| {name} | {flags} | {r['tokens_per_s']:,.0f} | "
-                         f"{r['peak_gib']:.2f} | {mfu} | {loss} |")
+        for row in tries:
+            mfu = f"{row['mfu']:.1%}" if "mfu" in row else "-"
+            loss = "{:.3f} / {:.3f}".format(*row["first_last_loss"]) if "first_last_loss" in row else "-"
+            lines.append(f"| {row['name']} | {row['overrides']} | {row['tokens_per_s']:,.0f} | {row['peak_gib']:.2f} | "
+                         f"{mfu} | {loss} |")
         lines.append("")
     lines += ["## Profiles (torch.profiler, last steps of the run)", ""]
     for name, r in results.items():
@@ -274,6 +277,8 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
     (out / "train_h100.md").write_text("\n".join(lines) + "\n")
     payload = {"device": device, "command": command, "peak_bf16_tflops": flops and flops / 1e12, "n_params": N_PARAMS,
                "workloads": workloads}
+    if tries:
+        payload["tries"] = tries
     (out / "train_h100.json").write_text(json.dumps(payload, indent=1) + "\n")
     if not quiet:
         print("\n".join(lines))

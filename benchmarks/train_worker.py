@@ -243,8 +243,10 @@ def gpu_idle(kernels, cpu_ops, steps: int, min_gap_us: float = 20.0, top: int = 
             i += 1
         active = [op for op in active if op[1] >= start]
         spanning = [op for op in active if op[1] >= end]
-        key = ("(no single host op)", "") if not spanning else (lambda op: (op[3], op[2]))(
-            min(spanning, key=lambda op: op[1] - op[0]))
+        key = ("(no single host op)", "")
+        if spanning:
+            innermost = min(spanning, key=lambda op: op[1] - op[0])
+            key = (innermost[3], innermost[2])
         charged[key] = charged.get(key, 0.0) + (end - start)
     ranked = sorted(charged.items(), key=lambda kv: -kv[1])[:top]
     return {"idle_ms_per_step": round(sum(e - s for s, e in gaps) / 1e3 / steps, 2),

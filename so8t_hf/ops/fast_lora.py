@@ -68,13 +68,12 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)  # (N, in)
         with torch.autocast(x.device.type, enabled=False):
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            xa = x2 @ a.t()  # (N, r)
+            xa = x2 @ lora_a.to(dtype).t()  # (N, r)
             if output_unused_in_recompute and recomputing():
                 out = x2.new_empty(x2.shape[0], lora_b.shape[0])  # nothing reads it (see the module docstring)
             else:
                 out = x2 @ weight_fn().to(dtype).t()  # (N, out)
-                out.addmm_(xa, b.t(), alpha=scale)
+                out.addmm_(xa, lora_b.to(dtype).t(), alpha=scale)
                 if bias is not None:
                     out += bias.to(dtype)
         ctx.save_for_backward(x2, xa, lora_a, lora_b)

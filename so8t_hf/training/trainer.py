@@ -137,22 +137,20 @@ class SO8TTrainer(SFTTrainer):
                     uncast += 1
             if uncast:
                 logger.info("LoRA: %d layers take their inputs in the autocast dtype (lora_cast_inputs=False).", uncast)
-        if args.fused_qkv_rope == "on" or (args.fused_qkv_rope == "auto" and torch.cuda.is_available()
-                                           and not args.use_cpu):
+        on_cuda = torch.cuda.is_available() and not args.use_cpu
+        if args.fused_qkv_rope == "on" or (args.fused_qkv_rope == "auto" and on_cuda):
             layers = [m for m in self.model.modules() if hasattr(m, "fused_qkv_rope") and hasattr(m, "qkv_proj")]
             for module in layers:
                 module.fused_qkv_rope = True
             logger.info("q/k/v split + RoPE: so8t::qkv_rope in %d attention layers (fused_qkv_rope=%s).", len(layers),
                         args.fused_qkv_rope)
         self.fused_lora_counts = None
-        kinds = fused_lora_kinds(args.fused_lora, torch.cuda.is_available() and not args.use_cpu)
+        kinds = fused_lora_kinds(args.fused_lora, on_cuda)
         if kinds:
-            from so8t_hf.training.fused_lora import enable_fused_lora
+            from so8t_hf.training.fused_lora import enable_fused_lora, lean_recompute
 
             self.fused_lora_counts = enable_fused_lora(self.model, kinds)
             if args.lean_recompute != "off" and args.activation_checkpointing:
-                from so8t_hf.training.fused_lora import lean_recompute
-
                 self.fused_lora_counts["lean_recompute"] = lean_recompute(self.model)
         self._pending: list[torch.Tensor] = []  # per-micro-step metric tensors, read at `log`
         self._pending_tokens: list[torch.Tensor] = []

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from so8t_hf.training.fused_lora import enable_fused_lora, lean_recompute
-from tiny_models import random_ids, randomize_rotations, tiny_so8t
+from tiny_models import random_ids, randomize_rotations, tiny_so8t, tiny_tokenizer, token_dataset
 
 
 def _lora_model(lean: bool, checkpointing: str | None):
@@ -101,8 +101,6 @@ def test_outside_a_backward_the_marked_layer_computes_its_output():
 
 
 def test_trainer_switch(tmp_path):
-    from tiny_models import tiny_tokenizer, token_dataset
-
     from so8t_hf.training.peft_setup import default_lora_config
     from so8t_hf.training.trainer import SO8TConfig, SO8TTrainer
 
