@@ -255,6 +255,38 @@ def gpu_idle(kernels, cpu_ops, steps: int, min_gap_us: float = 20.0, top: int = 
                            for k, v in ranked]}
 
 
+def kernel_sites(launches, steps: int, top: int = 15) -> list[dict]:
+    """Which host code launched the device time. `launches`: (kernel name, device us, host op names from the innermost
+    outwards) per launched kernel. Each kernel is keyed by its name, its innermost host op and the nearest enclosing
+    autograd Function or backward node (the layer code that asked for it); returns the `top` keys by device ms per
+    step."""
+    sites: dict = {}
+    for kernel, us, names in launches:
+        owner = next((n for n in names[1:] if n.startswith("autograd::engine::evaluate_function") or
+                      (n[:1].isupper() and "::" not in n)), names[-1] if names else "")
+        key = (kernel[:60], names[0] if names else "", owner)
+        sites[key] = sites.get(key, 0.0) + us
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1])[:top]
+    return [{"kernel": k[0], "host_op": k[1], "within": k[2], "ms_per_step": round(v / 1e3 / steps, 2)}
+            for k, v in ranked]
+
+
+def _launches(prof) -> list[tuple]:
+    """(kernel name, device us, host op names innermost first) of every kernel the profile tied to a host op."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU or not getattr(e, "kernels", None):
+            continue
+        names, node = [], e
+        while node is not None:
+            names.append(node.name[:80])
+            node = getattr(node, "cpu_parent", None)
+        out.extend((k.name, k.duration, names) for k in e.kernels)
+    return out
+
+
 def _host_ops(prof) -> list[tuple]:
     """(start, end, name, outermost ancestor's name) of every host event of a profile."""
     from torch.autograd import DeviceType
@@ -309,9 +341,11 @@ def _profile_summary(prof, steps: int, wall: float) -> dict:
     table += "\n\nCUDA runtime calls per step: " + json.dumps(runtime)
     idle = gpu_idle([(e.time_range.start, e.time_range.end) for e in kernels], _host_ops(prof), steps)
     table += "\n\nGPU idle between kernels (gaps >= 20 us), per step: " + json.dumps(idle, indent=1)
+    sites = kernel_sites(_launches(prof), steps)
+    table += "\n\nDevice time by kernel and the host code that launched it, per step: " + json.dumps(sites, indent=1)
     return {"device_ms_per_step": total / 1e3 / steps, "wall_ms_per_step": wall * 1e3 / steps,
             "shares": {k: v / max(total, 1) for k, v in shares.items()}, "runtime_per_step": runtime,
-            "gpu_idle": idle, "table": table}
+            "gpu_idle": idle, "kernel_sites": sites[:8], "table": table}
 
 
 def main(argv=None) -> None:

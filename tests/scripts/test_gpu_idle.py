@@ -42,3 +42,22 @@ def test_the_profile_summary_reads_a_real_profile():
     summary = _profile_summary(prof, steps=1, wall=0.01)
     assert summary["gpu_idle"] == {"idle_ms_per_step": 0.0, "gaps_per_step": 0.0, "by_host_op": []}  # no device
     assert "GPU idle between kernels" in summary["table"]
+
+
+def test_kernel_sites_charge_device_time_to_the_launching_op_and_its_layer_code():
+    from train_worker import kernel_sites
+
+    launches = [
+        ("copy_kernel", 300.0, ["aten::copy_", "aten::contiguous", "LoraLinearFunction", "Trainer.train"]),
+        ("copy_kernel", 100.0, ["aten::copy_", "aten::contiguous", "LoraLinearFunction", "Trainer.train"]),
+        ("copy_kernel", 50.0, ["aten::copy_", "autograd::engine::evaluate_function: CatBackward0"]),
+        ("gemm", 1000.0, ["aten::mm"]),
+    ]
+    sites = kernel_sites(launches, steps=2)
+    assert sites == [
+        {"kernel": "gemm", "host_op": "aten::mm", "within": "aten::mm", "ms_per_step": 0.5},
+        {"kernel": "copy_kernel", "host_op": "aten::copy_", "within": "LoraLinearFunction", "ms_per_step": 0.2},
+        {"kernel": "copy_kernel", "host_op": "aten::copy_",
+         "within": "autograd::engine::evaluate_function: CatBackward0", "ms_per_step": 0.03},
+    ]
+    assert kernel_sites(launches, steps=1, top=1)[0]["ms_per_step"] == 1.0
