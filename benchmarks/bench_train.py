@@ -32,17 +32,27 @@ sys.path.insert(0, str(HERE))
 from reasoning_rows import make_rows  # noqa: E402
 
 WORKLOADS = {"lora_4x2048": (4, 2048, False), "qlora_1x2048": (1, 2048, True), "lora_1x8192": (1, 8192, False)}
-SYSTEMS = {"lora_4x2048": ("trl_stock", "trl_liger_fa4", "so8t_hf"), "qlora_1x2048": ("trl_stock", "so8t_hf"),
-           "lora_1x8192": ("trl_stock", "trl_liger_fa4", "so8t_hf")}
+SYSTEMS = {"lora_4x2048": ("trl_stock", "trl_liger_fa4", "so8t_hf", "so8t_hf_capped"),
+           "qlora_1x2048": ("trl_stock", "so8t_hf"),
+           "lora_1x8192": ("trl_stock", "trl_liger_fa4", "so8t_hf", "so8t_hf_capped")}
+# so8t_hf: the recipe as a user runs it (the memory policy spends the free memory it measures); so8t_hf_capped: the
+# same with the user's cap on that policy below stock's peak (11.26 GiB at both LoRA shapes in every call so far)
+CAP_GIB = 11.0
+VARIANTS = {"so8t_hf_capped": f"activation_memory_budget_gib={CAP_GIB}"}
 N_PARAMS = 3.82e9
-FAST = "sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off"
-BEFORE = "sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off"
-CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override="cuda_graphs=on"),
+FAST = ("sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off,"
+        "activation_checkpointing_layers=all")
+BEFORE = ("sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off,"
+          "activation_checkpointing_layers=all")
+ALL = "activation_checkpointing_layers=all"  # the rungs before the memory policy checkpoint every layer
+CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override=f"cuda_graphs=on,{ALL}"),
                     "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")
-LEAN_RUNG = ("lean_recompute", dict(override="fused_qkv_rope=off"),
+LEAN_RUNG = ("lean_recompute", dict(override=f"fused_qkv_rope=off,{ALL}"),
              "+ the recompute skips mlp.down_proj's unread matmul (lean_recompute=auto)")
-QKV_ROPE_RUNG = ("fused_qkv_rope", dict(override=""),
-                 "+ q/k/v split with RoPE in one pass, its gradient in one (= the recipe: fused_qkv_rope=auto)")
+QKV_ROPE_RUNG = ("fused_qkv_rope", dict(override=ALL),
+                 "+ q/k/v split with RoPE in one pass, its gradient in one (fused_qkv_rope=auto)")
+MEMORY_RUNG = ("memory_policy", dict(override=""),
+               "+ activation_checkpointing_layers=auto, no cap: spends the measured free memory (= the recipe)")
 # The ladder (LoRA 4 x 2048): each rung switches one more optimisation on; the last full rung is the recipe itself.
 LADDER = [
     ("baseline", dict(packing="false", override=f"so8t_attn_backend=sdpa,use_liger_kernel=false,{BEFORE}", legacy=True),
@@ -54,12 +64,12 @@ LADDER = [
     ("fused_kernels", dict(override=BEFORE, legacy=True), "+ Liger RMSNorm / SwiGLU / RoPE"),
     ("rotation_kernel", dict(override=BEFORE), "+ R once per step, fp32 GPU exponential"),
     ("host_dtype", dict(override=FAST), "+ sync-free loss, LoRA inputs in bf16, dropout off (issue 16's recipe)"),
-    ("fused_lora", dict(override="lean_recompute=off,fused_qkv_rope=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
+    ("fused_lora", dict(override=f"lean_recompute=off,fused_qkv_rope=off,{ALL}"),
+     "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
     LEAN_RUNG,
     QKV_ROPE_RUNG,
     CUDA_GRAPHS_RUNG,
-    ("memory_policy", dict(override="activation_checkpointing_layers=auto"),
-     "+ activation_checkpointing_layers=auto, no cap (spends the measured free memory)"),
+    MEMORY_RUNG,
 ]
 # The other workloads' ladders: the rungs this issue added, from issue 16's recipe up.
 LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
@@ -74,14 +84,16 @@ LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
      "fused_qkv_rope=auto)")],
     "lora_1x8192": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward)"),
-    ("fused_lora", dict(override="lean_recompute=off,fused_qkv_rope=off"), "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
+    ("fused_lora", dict(override=f"lean_recompute=off,fused_qkv_rope=off,{ALL}"),
+     "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
     LEAN_RUNG,
     QKV_ROPE_RUNG,
-    CUDA_GRAPHS_RUNG]}
+    CUDA_GRAPHS_RUNG,
+    MEMORY_RUNG]}
 # the rung that is the main table's so8t_hf run (the recipe: fused_lora=auto fuses every supported layer on CUDA;
 # cuda_graphs=auto graphs the layers of 4-bit bases; lean_recompute=auto is on wherever fused LoRA is and
 # fused_qkv_rope=auto on CUDA, so each recipe is its fused_qkv_rope rung)
-RECIPE_RUNG = {"lora_4x2048": "fused_qkv_rope", "qlora_1x2048": "fused_qkv_rope", "lora_1x8192": "fused_qkv_rope"}
+RECIPE_RUNG = {"lora_4x2048": "memory_policy", "qlora_1x2048": "fused_qkv_rope", "lora_1x8192": "memory_policy"}
 
 
 def ladder_name(workload: str, rung: str) -> str:
@@ -99,9 +111,11 @@ def plan(args) -> list[dict]:
     runs = []
     for workload, (batch, length, qlora) in WORKLOADS.items():
         for system in SYSTEMS[workload]:
-            runs.append(dict(name=f"{workload}.{system}", workload=workload, system=system, batch=batch, length=length,
-                             qlora=qlora, steps=args.steps, override="", legacy=False, packing="true",
-                             profile=args.profile_steps if system == "so8t_hf" or workload == "qlora_1x2048" else 0))
+            ours = system.startswith("so8t_hf")
+            runs.append(dict(name=f"{workload}.{system}", workload=workload, system="so8t_hf" if ours else system,
+                             batch=batch, length=length, qlora=qlora, steps=args.steps,
+                             override=VARIANTS.get(system, ""), legacy=False, packing="true",
+                             profile=args.profile_steps if ours or workload == "qlora_1x2048" else 0))
     for workload, ladder in LADDERS.items():
         batch, length, qlora = WORKLOADS[workload]
         for rung, spec, _ in ladder:

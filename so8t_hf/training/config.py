@@ -80,13 +80,15 @@ class SO8TConfig(SFTConfig):
         default_factory=lambda: [0.1, 0.5, 1.0], metadata={"help": "pet_lambda multipliers of the 3 PET phases."}
     )
     activation_checkpointing_layers: str = field(
-        default="all",
-        metadata={"help": "Memory policy of activation checkpointing: 'all' layers, a number N (the first N are "
-                          "checkpointed), or 'auto' (as few as fit under activation_memory_budget_gib)."},
+        default="auto",
+        metadata={"help": "Memory policy of activation checkpointing: 'auto' (spend spare GPU memory: checkpoint as few "
+                          "layers as fit under activation_memory_budget_gib; every layer on a CPU run or a 4-bit "
+                          "base), 'all' layers, or a number N (the first N are checkpointed)."},
     )
     activation_memory_budget_gib: float | None = field(
         default=None,
-        metadata={"help": "Peak GPU memory that activation_checkpointing_layers=auto may reach; None = 90%% of the GPU."},
+        metadata={"help": "The cap, in GiB, on the peak GPU memory that activation_checkpointing_layers=auto plans "
+                          "for; None = what the run holds plus 90%% of the free GPU memory it measures."},
     )
     lora_cast_inputs: bool = field(
         default=False,

@@ -395,11 +395,6 @@ def ungraph_layers(stack: GraphedLayers) -> None:
     DEQUANT_BUFFER.frozen = False
 
 
-def has_4bit_base(layers) -> bool:
-    """Whether any of `layers` holds a bitsandbytes 4-bit linear (a QLoRA base)."""
-    return any(type(m).__name__ == "Linear4bit" for layer in layers for m in layer.modules())
-
-
 def graphs_unusable_reason(args) -> str | None:
     """Why `cuda_graphs` cannot apply to a run with these settings (None: it can)."""
     if not getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", False)):
@@ -429,7 +424,7 @@ class CudaGraphCallback(TrainerCallback):
         self.summary: dict | None = None  # after training: layers graphed, graph replays, eager calls by reason
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from so8t_hf.training.memory import checkpoint_layers
+        from so8t_hf.training.memory import checkpoint_layers, has_4bit_base
 
         reason = graphs_unusable_reason(args)
         cuda = torch.cuda.is_available() and not getattr(args, "use_cpu", False)

@@ -1,9 +1,11 @@
 """Memory policy of activation checkpointing: spend spare GPU memory on speed by checkpointing fewer layers.
 
-`activation_checkpointing_layers` (SO8TConfig): `all` (every decoder layer, the default), an integer N (the first N
-layers are checkpointed, the others keep their activations), or `auto`: as few layers as fit under
-a budget: the memory the process holds now plus 90% of what the GPU reports free (`torch.cuda.mem_get_info`, so
-other processes count), capped by `activation_memory_budget_gib` when set (`memory_budget`).
+`activation_checkpointing_layers` (SO8TConfig): `auto` (the default), `all` (every decoder layer), or an integer N
+(the first N layers are checkpointed, the others keep their activations). `auto` checkpoints as few layers as fit
+under a budget: the memory the process holds now plus 90% of what the GPU reports free (`torch.cuda.mem_get_info`,
+so other processes count), capped by `activation_memory_budget_gib` when set (`memory_budget`). Two cases keep every
+layer checkpointed under `auto`: no CUDA GPU, and 4-bit (QLoRA) bases, whose users chose them to save memory and
+whose checkpointed layers run as CUDA graphs (`training/cuda_graphs.py`: QLoRA is host-bound without them).
 
 Estimate (bf16 activations, measured on Phi-3.5-mini LoRA at 8,192 tokens: checkpointing off cost 34.2 GiB more,
 1.07 GiB per layer): an un-checkpointed layer keeps about `2 * (12 * hidden + 4 * intermediate)` bytes per token;
@@ -28,6 +30,11 @@ GIB = 2**30
 def checkpoint_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers that transformers can checkpoint, in order."""
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def has_4bit_base(layers) -> bool:
+    """Whether any of `layers` holds a bitsandbytes 4-bit linear (a QLoRA base)."""
+    return any(type(m).__name__ == "Linear4bit" for layer in layers for m in layer.modules())
 
 
 def parse_layers_setting(value) -> str | int:
@@ -72,6 +79,10 @@ def apply_checkpoint_policy(model, setting, tokens: int, budget_gib: float | Non
     if setting == "all" or not layers:
         return None
     if setting == "auto":
+        if has_4bit_base(layers):
+            logger.info("activation_checkpointing_layers=auto: 4-bit bases, every layer stays checkpointed (QLoRA saves "
+                        "memory, and its checkpointed layers run as CUDA graphs; a number of layers overrides this).")
+            return None
         if not torch.cuda.is_available():
             logger.info("activation_checkpointing_layers=auto: no CUDA GPU, every layer stays checkpointed.")
             return None
