@@ -45,12 +45,11 @@ FAST = ("sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lo
 BEFORE = ("sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off,"
           "activation_checkpointing_layers=all")
 ALL = "activation_checkpointing_layers=all"  # the rungs before the memory policy checkpoint every layer
-EAGER = f"cuda_graphs=off,{ALL}"  # and the rungs before the graphs run the layers eagerly
-CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override=ALL),
-                    "+ each checkpointed layer as CUDA graphs (cuda_graphs=auto; = so8t_hf_capped)")
-LEAN_RUNG = ("lean_recompute", dict(override=f"fused_qkv_rope=off,{EAGER}"),
+CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override=f"cuda_graphs=on,{ALL}"),
+                    "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")
+LEAN_RUNG = ("lean_recompute", dict(override=f"fused_qkv_rope=off,{ALL}"),
              "+ the recompute skips mlp.down_proj's unread matmul (lean_recompute=auto)")
-QKV_ROPE_RUNG = ("fused_qkv_rope", dict(override=EAGER),
+QKV_ROPE_RUNG = ("fused_qkv_rope", dict(override=ALL),
                  "+ q/k/v split with RoPE in one pass, its gradient in one (fused_qkv_rope=auto)")
 MEMORY_RUNG = ("memory_policy", dict(override=""),
                "+ activation_checkpointing_layers=auto, no cap: spends the measured free memory (= the recipe)")
@@ -65,7 +64,7 @@ LADDER = [
     ("fused_kernels", dict(override=BEFORE, legacy=True), "+ Liger RMSNorm / SwiGLU / RoPE"),
     ("rotation_kernel", dict(override=BEFORE), "+ R once per step, fp32 GPU exponential"),
     ("host_dtype", dict(override=FAST), "+ sync-free loss, LoRA inputs in bf16, dropout off (issue 16's recipe)"),
-    ("fused_lora", dict(override=f"lean_recompute=off,fused_qkv_rope=off,{EAGER}"),
+    ("fused_lora", dict(override=f"lean_recompute=off,fused_qkv_rope=off,{ALL}"),
      "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
     LEAN_RUNG,
     QKV_ROPE_RUNG,
@@ -78,22 +77,22 @@ LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
     ("fused_lora", dict(override="cuda_graphs=off,lean_recompute=off,fused_qkv_rope=off"),
      "+ fused NF4 dequantise + matmul + LoRA"),
     ("cuda_graphs", dict(override="lean_recompute=off,fused_qkv_rope=off"), "+ each checkpointed layer as CUDA graphs "
-     "(cuda_graphs=auto)"),
+     "(cuda_graphs=auto graphs 4-bit bases)"),
     ("lean_recompute", dict(override="fused_qkv_rope=off"), "+ the recompute skips mlp.down_proj's unread dequantise + "
      "matmul (lean_recompute=auto)"),
     ("fused_qkv_rope", dict(override=""), "+ q/k/v split with RoPE in one pass, its gradient in one (= the recipe: "
      "fused_qkv_rope=auto)")],
     "lora_1x8192": [
     ("host_dtype", dict(override=FAST), "issue 16's recipe (PEFT's LoRA forward)"),
-    ("fused_lora", dict(override=f"lean_recompute=off,fused_qkv_rope=off,{EAGER}"),
+    ("fused_lora", dict(override=f"lean_recompute=off,fused_qkv_rope=off,{ALL}"),
      "+ fused LoRA linear on the bf16 base (fused_lora=auto)"),
     LEAN_RUNG,
     QKV_ROPE_RUNG,
     CUDA_GRAPHS_RUNG,
     MEMORY_RUNG]}
-# the rung that is the main table's so8t_hf run (the recipe: fused_lora, lean_recompute, fused_qkv_rope, cuda_graphs
-# and activation_checkpointing_layers all 'auto'; LoRA's is the memory_policy rung, QLoRA's keeps every layer
-# checkpointed and graphed, its last rung)
+# the rung that is the main table's so8t_hf run (the recipe: fused_lora=auto fuses every supported layer on CUDA;
+# cuda_graphs=auto graphs the layers of 4-bit bases; lean_recompute=auto is on wherever fused LoRA is and
+# fused_qkv_rope=auto on CUDA, so each recipe is its fused_qkv_rope rung)
 RECIPE_RUNG = {"lora_4x2048": "memory_policy", "qlora_1x2048": "fused_qkv_rope", "lora_1x8192": "memory_policy"}
 
 

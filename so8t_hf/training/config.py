@@ -120,8 +120,9 @@ class SO8TConfig(SFTConfig):
         default="auto",
         metadata={"help": "Replay each checkpointed decoder layer as two CUDA graphs (forward; recompute + backward) "
                           "instead of launching its kernels from Python (training/cuda_graphs.py): 'auto' (a CUDA run "
-                          "of one process with padding-free packing; the layers the memory policy leaves "
-                          "checkpointed), 'on' (the same; an error where the settings forbid it) or 'off'."},
+                          "of one process with padding-free packing whose layers have 4-bit bases: QLoRA is "
+                          "host-bound, float bases are not), 'on' (any base; an error where the settings forbid it) "
+                          "or 'off'."},
     )
     gc_every_steps: int = field(
         default=50,

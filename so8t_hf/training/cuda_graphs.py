@@ -412,20 +412,19 @@ def graphs_unusable_reason(args) -> str | None:
 
 class CudaGraphCallback(TrainerCallback):
     """Applies `SO8TConfig.cuda_graphs` at train begin (after the checkpointing memory policy) and undoes it at the
-    end. 'auto': every CUDA run the settings allow (the layers that stay checkpointed, 4-bit or float bases); 'on':
-    the same, an error where the settings forbid it, and on a machine without CUDA the eager stand-in (the same
-    buffers and recompute, no graphs: tests). Measured (H100, benchmarks/results/train_h100_cuda_graphs.md): QLoRA
-    1 x 2048 is host-bound (130 ms of GPU work in a 616 ms step) and graphs gave 2.53x at 3.84 GiB (stock 4.01). Float
-    bases were GPU-bound then (430 ms of GPU work in a 487 ms step: graphs gave nothing); once lean_recompute and
-    fused_qkv_rope cut the GPU work to 381 ms the eager step stayed at ~0.49 s (host-bound: train_h100.md), so
-    'auto' graphs float bases too."""
+    end. 'auto': CUDA runs the settings allow whose layers have 4-bit bases; 'on': any base, an error where the
+    settings forbid it, and on a machine without CUDA the eager stand-in (the same buffers and recompute, no graphs:
+    tests). Why 'auto' leaves float bases eager (H100, benchmarks/results/train_h100_cuda_graphs.md): QLoRA 1 x 2048
+    is host-bound (130 ms of GPU work in a 616 ms step) and graphs gave 2.53x at 3.84 GiB (stock 4.01); LoRA on a
+    bf16 base is GPU-bound (430 of 517 ms) and its median step did not move (0.484 vs 0.487 s), while each new length
+    bucket costs a capture step (~1 s)."""
 
     def __init__(self, setting: str, token_budget: int):
         self.setting, self.token_budget, self.stack = setting, int(token_budget), None
         self.summary: dict | None = None  # after training: layers graphed, graph replays, eager calls by reason
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from so8t_hf.training.memory import checkpoint_layers
+        from so8t_hf.training.memory import checkpoint_layers, has_4bit_base
 
         reason = graphs_unusable_reason(args)
         cuda = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
@@ -439,6 +438,10 @@ class CudaGraphCallback(TrainerCallback):
         layers = [m for m in checkpoint_layers(model) if m.gradient_checkpointing]
         if not layers:
             logger.info("CUDA graphs off: no decoder layer is checkpointed.")
+            return
+        if self.setting == "auto" and not has_4bit_base(layers):
+            logger.info("CUDA graphs off (auto): the layers have float bases, GPU-bound without graphs; "
+                        "cuda_graphs=on graphs them anyway.")
             return
         self.stack = graph_layers(layers, self.token_budget, use_graphs=cuda)
 

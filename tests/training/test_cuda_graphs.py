@@ -162,7 +162,7 @@ def test_settings_that_forbid_graphs_are_named():
         SO8TConfig(**base, cuda_graphs="sometimes")
 
 
-def test_auto_graphs_the_checkpointed_layers_of_cuda_runs_the_settings_allow(monkeypatch, caplog):
+def test_auto_graphs_layers_with_4bit_bases_only(monkeypatch, caplog):
     import types
 
     import so8t_hf.training.cuda_graphs as cuda_graphs
@@ -170,26 +170,25 @@ def test_auto_graphs_the_checkpointed_layers_of_cuda_runs_the_settings_allow(mon
 
     assert SO8TConfig(output_dir="/tmp/x", use_cpu=True, report_to="none").cuda_graphs == "auto"
     model = _pair(fused=False)[1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the decision only; nothing is captured
     graphed = []
     monkeypatch.setattr(cuda_graphs, "graph_layers", lambda layers, budget, use_graphs: graphed.append(
         (len(layers), use_graphs)) or types.SimpleNamespace())
     args = types.SimpleNamespace(activation_checkpointing=True, activation_checkpointing_kwargs={}, padding_free=True,
                                  world_size=1, use_cpu=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.INFO, logger="so8t_hf"):
         cuda_graphs.CudaGraphCallback("auto", 64).on_train_begin(args, None, None, model=model)
-    assert graphed == [] and "CUDA graphs off: no CUDA GPU" in caplog.text
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the decision only; nothing is captured
-    cuda_graphs.CudaGraphCallback("auto", 64).on_train_begin(args, None, None, model=model)
-    assert graphed == [(3, True)]  # float bases too
+    assert graphed == [] and "CUDA graphs off (auto): the layers have float bases" in caplog.text
+    cuda_graphs.CudaGraphCallback("on", 64).on_train_begin(args, None, None, model=model)
+    assert graphed == [(3, True)]
+
+    class Linear4bit(torch.nn.Module):  # bitsandbytes' class name is what the rule looks for
+        pass
+
     layers = [m for m in checkpoint_layers(model) if m.gradient_checkpointing]
-    layers[0].gradient_checkpointing = False  # the memory policy kept this one's activations: it runs eagerly
+    layers[1].mlp.add_module("quantised", Linear4bit())
     cuda_graphs.CudaGraphCallback("auto", 64).on_train_begin(args, None, None, model=model)
-    assert graphed == [(3, True), (2, True)]
-    with caplog.at_level(logging.INFO, logger="so8t_hf"):
-        cuda_graphs.CudaGraphCallback("auto", 64).on_train_begin(
-            types.SimpleNamespace(**{**vars(args), "world_size": 2}), None, None, model=model)
-    assert graphed == [(3, True), (2, True)] and "CUDA graphs off: several processes" in caplog.text
+    assert graphed == [(3, True), (3, True)]
 
 
 def test_gradients_accumulate_over_micro_batches_as_with_checkpointing():
