@@ -45,6 +45,8 @@ FAST = ("sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lo
 BEFORE = ("sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off,"
           "activation_checkpointing_layers=all")
 ALL = "activation_checkpointing_layers=all"  # the rungs before the memory policy checkpoint every layer
+# cuda_graphs=auto graphs 4-bit bases only (float bases inside graphs with the fused q/k/v + RoPE and the lean
+# recompute have not run on a GPU yet): the rung switches it on
 CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override=f"cuda_graphs=on,{ALL}"),
                     "+ each checkpointed layer as CUDA graphs (cuda_graphs=on)")
 LEAN_RUNG = ("lean_recompute", dict(override=f"fused_qkv_rope=off,{ALL}"),
