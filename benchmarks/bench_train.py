@@ -40,11 +40,9 @@ SYSTEMS = {"lora_4x2048": ("trl_stock", "trl_liger_fa4", "so8t_hf", "so8t_hf_cap
 CAP_GIB = 11.0
 VARIANTS = {"so8t_hf_capped": f"activation_memory_budget_gib={CAP_GIB}"}
 N_PARAMS = 3.82e9
-FAST = ("sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off,"
-        "activation_checkpointing_layers=all")
-BEFORE = ("sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off,"
-          "activation_checkpointing_layers=all")
 ALL = "activation_checkpointing_layers=all"  # the rungs before the memory policy checkpoint every layer
+FAST = f"sync_free_metrics=true,lora_cast_inputs=false,lora_dropout=0.0,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off,{ALL}"
+BEFORE = f"sync_free_metrics=false,lora_cast_inputs=true,lora_dropout=0.05,fused_lora=off,cuda_graphs=off,fused_qkv_rope=off,{ALL}"
 # cuda_graphs=auto graphs 4-bit bases only (float bases inside graphs with the fused q/k/v + RoPE and the lean
 # recompute have not run on a GPU yet): the rung switches it on
 CUDA_GRAPHS_RUNG = ("cuda_graphs", dict(override=f"cuda_graphs=on,{ALL}"),
@@ -92,9 +90,8 @@ LADDERS = {"lora_4x2048": LADDER, "qlora_1x2048": [
     QKV_ROPE_RUNG,
     CUDA_GRAPHS_RUNG,
     MEMORY_RUNG]}
-# the rung that is the main table's so8t_hf run (the recipe: fused_lora=auto fuses every supported layer on CUDA;
-# cuda_graphs=auto graphs the layers of 4-bit bases; lean_recompute=auto is on wherever fused LoRA is and
-# fused_qkv_rope=auto on CUDA, so each recipe is its fused_qkv_rope rung)
+# the rung that is the main table's so8t_hf run (the recipe: every switch at its default, 'auto'): LoRA's is the
+# memory_policy rung; QLoRA's is its last rung (auto keeps every 4-bit layer checkpointed, and graphs them)
 RECIPE_RUNG = {"lora_4x2048": "memory_policy", "qlora_1x2048": "fused_qkv_rope", "lora_1x8192": "memory_policy"}
 
 
