@@ -1,6 +1,6 @@
 """End-to-end training speed: TRL + PEFT stock, the strongest stock stack that runs here (TRL + PEFT + Liger +
-padding-free on transformers' best loadable attention: `trl_liger_fa4`) and the so8t_hf recipe, same data and
-settings, for LoRA 4 x 2048, QLoRA NF4 1 x 2048 and LoRA 1 x 8192; then each workload's ladder of our recipe (each
+padding-free on transformers' best loadable attention: `trl_liger_fa4`), Unsloth (on its own pinned site, where
+staged: `--unsloth_site`; else recorded as not run, with why) and the so8t_hf recipe, same data and settings, for LoRA 4 x 2048, QLoRA NF4 1 x 2048 and LoRA 1 x 8192; then each workload's ladder of our recipe (each
 optimisation switched on in turn; `--only ladder` or a rung's name). One process per run (`train_worker.py`); three run at a time, the others preparing on the CPU (data, model,
 trainer) while one holds the GPU (a file lock), so only one ever uses the GPU; no run prepares during another's
 timed steps (a second lock), so those steps run on a quiet host.
@@ -32,9 +32,9 @@ sys.path.insert(0, str(HERE))
 from reasoning_rows import make_rows  # noqa: E402
 
 WORKLOADS = {"lora_4x2048": (4, 2048, False), "qlora_1x2048": (1, 2048, True), "lora_1x8192": (1, 8192, False)}
-SYSTEMS = {"lora_4x2048": ("trl_stock", "trl_liger_fa4", "so8t_hf", "so8t_hf_capped"),
-           "qlora_1x2048": ("trl_stock", "so8t_hf"),
-           "lora_1x8192": ("trl_stock", "trl_liger_fa4", "so8t_hf", "so8t_hf_capped")}
+SYSTEMS = {"lora_4x2048": ("trl_stock", "trl_liger_fa4", "so8t_hf", "so8t_hf_capped", "unsloth"),
+           "qlora_1x2048": ("trl_stock", "so8t_hf", "unsloth"),
+           "lora_1x8192": ("trl_stock", "trl_liger_fa4", "so8t_hf", "so8t_hf_capped", "unsloth")}
 # so8t_hf: the recipe as a user runs it (the memory policy spends the free memory it measures); so8t_hf_capped: the
 # same with the user's cap on that policy below stock's peak (11.26 GiB at both LoRA shapes in every call so far)
 CAP_GIB = 11.0
@@ -135,6 +135,22 @@ def plan(args) -> list[dict]:
     return runs
 
 
+def not_runnable(run: dict, args) -> str | None:
+    """Why a planned run cannot start here (recorded in the results in its place), or None."""
+    if run["system"] == "unsloth" and not (Path(args.unsloth_site) / "unsloth" / "__init__.py").is_file():
+        return (f"Unsloth is not staged at {args.unsloth_site}: its pins (transformers <= 5.17, trl <= 1.15, "
+                "datasets < 5) need a site of their own beside the stock stack's: pack it with "
+                "scripts/fetch_unsloth.sh and carry .stash_unsloth to scripts/device_train_bench.sh (--unsloth_site)")
+    return None
+
+
+def failure(log: Path) -> str:
+    """The last line of a failed run's log that names an error, to stand in the results in the run's place."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
+    errors = [ln for ln in lines if "Error" in ln or "error:" in ln or "Killed" in ln]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
 def launch(run: dict, args, data: Path, lock: Path, out: Path):
     cmd = [sys.executable, str(HERE / "train_worker.py"), "--name", run["name"], "--system", run["system"],
            "--checkpoint", args.checkpoint, "--data", str(data), "--batch", str(run["batch"]), "--max_length",
@@ -144,6 +160,8 @@ def launch(run: dict, args, data: Path, lock: Path, out: Path):
     if run["override"]:
         cmd += ["--override", run["override"]]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if run["system"] == "unsloth":  # its own site first: trl 1.15 and datasets 4 shadow the stock stack's
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (args.unsloth_site, env.get("PYTHONPATH")) if x)
     if run["legacy"]:
         env["SO8T_ROTATION_EXP"] = "torch"
     log = open(out / f"{run['name']}.log", "w")
@@ -197,7 +215,7 @@ def _row(name: str, r: dict, flops: float | None) -> dict:
     row["timed_steps"] = r.get("timed_steps")
     ratio = warmup_ratio(r)
     row["worst_step_after_10_over_median"] = round(ratio, 3) if ratio else None
-    row["attention"] = r.get("attn_implementation") if r.get("system", "").startswith("trl") else \
+    row["attention"] = r.get("attn_implementation") if r.get("system", "").startswith(("trl", "unsloth")) else \
         ", ".join(f"{k} {v}" for k, v in sorted(r.get("backends", {}).items()))
     if r.get("attn_unavailable"):
         row["attention_not_loadable"] = r["attn_unavailable"]
@@ -205,12 +223,20 @@ def _row(name: str, r: dict, flops: float | None) -> dict:
         row["fused_lora"] = r["fused_lora"]
     if r.get("cuda_graphs"):
         row["cuda_graphs"] = r["cuda_graphs"]
+    if r.get("versions"):  # a run on a stack of its own (unsloth)
+        row["versions"] = r["versions"]
+    if r.get("packing_used") is False and r.get("system") == "unsloth":
+        row["attention"] += " (Unsloth turned packing off: padded batches)"
     if r.get("losses"):
         row["first_last_loss"] = [round(r["losses"][0], 4), round(r["losses"][-1], 4)]
     return row
 
 
-def report(args, results: dict, data_stats: str, command: str, wall: float, quiet: bool = False):
+def report(args, results: dict, data_stats: str, command: str, wall: float, quiet: bool = False,
+           not_run: dict | None = None):
+    """Writes train_h100.md / .json. `not_run`: {run name: why} for planned runs with no result (not runnable here,
+    failed, killed or out of time), written in their place."""
+    not_run = not_run or {}
     out = Path(args.out)
     device = device_name()
     flops = peak_flops(device)
@@ -226,13 +252,16 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
              f"(dense bf16 peak of the card).", ""]
     for workload in WORKLOADS:
         names = [n for n in SYSTEMS[workload] if f"{workload}.{n}" in results]
+        missing = {n: not_run[f"{workload}.{n}"] for n in SYSTEMS[workload] if f"{workload}.{n}" in not_run}
         ladder = [(rung, desc, results.get(ladder_name(workload, rung)) or
                    (results.get(f"{workload}.so8t_hf") if rung == RECIPE_RUNG[workload] else None)) for rung, _, desc in LADDERS[workload]]
-        if not names and not any(r for *_, r in ladder):
+        ladder_missing = any(ladder_name(workload, rung) in not_run for rung, *_ in ladder)
+        if not names and not missing and not ladder_missing and not any(r for *_, r in ladder):
             continue
         rows = [_row(n, results[f"{workload}.{n}"], flops) for n in names]
         stock = results.get(f"{workload}.trl_stock")
         anchor = results.get(f"{workload}.trl_liger_fa4")
+        rows += [{"name": n, "not_run": why} for n, why in missing.items()]
         entry = {"workload": workload, "runs": rows}
         lines += [f"## {workload}", "", "| run | tokens/s | vs trl_stock | vs trl_liger_fa4 | peak GiB | MFU | median-step "
                   "tokens/s | worst step after 10 / median | attention |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
@@ -242,16 +271,22 @@ def report(args, results: dict, data_stats: str, command: str, wall: float, quie
             mfu = f"{row['mfu']:.1%}" if "mfu" in row else "-"
             lines.append(f"| {n} | {r['tokens_per_s']:,.0f} | {vs(stock)} | {vs(anchor)} | {r['peak_gib']:.2f} | {mfu} | "
                          f"{row['tokens_per_s_median_step']:,.0f} | {warmup_check(r)} | {row['attention']} |")
+        lines += [f"| {n} | not run: {why} | | | | | | | |" for n, why in missing.items()]
+        lines += [f"\n{row['name']} ran on its own stack: " + ", ".join(f"{k} {v}" for k, v in row["versions"].items())
+                  for row in rows if row.get("versions")]
         lines.append("")
-        if any(r for *_, r in ladder):
-            base = next(r for *_, r in ladder if r)
+        if ladder_missing or any(r for *_, r in ladder):
+            base = next((r for *_, r in ladder if r), None)
             entry["ladder"] = []
             lines += [f"Ladder ({workload}; each rung adds one optimisation):", "",
                       "| rung | what | tokens/s | vs first rung | peak GiB | checkpointed layers | first / last loss |",
                       "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
             for rung, desc, r in ladder:
                 if r is None:
-                    lines.append(f"| {rung} | {desc} | not run | | | | |")
+                    why = not_run.get(ladder_name(workload, rung))
+                    lines.append(f"| {rung} | {desc} | not run{': ' + why if why else ''} | | | | |")
+                    if why:
+                        entry["ladder"].append({"rung": rung, "what": desc, "not_run": why})
                     continue
                 entry["ladder"].append({"rung": rung, "what": desc, **_row(rung, r, flops)})
                 loss = f"{r['losses'][0]:.3f} / {r['losses'][-1]:.3f}" if r.get("losses") else "-"
@@ -312,6 +347,9 @@ def main(argv=None) -> None:
     p.add_argument("--tries", nargs="*", default=[], metavar="WORKLOAD:LABEL:OVERRIDES",
                    help="extra runs of our recipe, e.g. lora_1x8192:workers:dataloader_num_workers=2 (named "
                         "try_<workload>.<label>, --ladder_steps steps, profiled, reported apart from the tables)")
+    p.add_argument("--unsloth_site", default=os.environ.get("UNSLOTH_SITE", "/dev/shm/site_unsloth"),
+                   help="folder with Unsloth and its pinned stack (scripts/device_stage_unsloth.sh), put first on the "
+                        "unsloth runs' PYTHONPATH; where it is missing those runs are recorded as not run, with why")
     p.add_argument("--memory_trace", action="store_true", help="record every run's CUDA allocations and write what is "
                    "live at its peak (runs/<name>.memory.txt); recording slows the steps, so its speeds are not results")
     args = p.parse_args(argv)
@@ -332,13 +370,21 @@ def main(argv=None) -> None:
                   f"tokens (mean {statistics.mean(lengths):.0f})")
     lock = out / "gpu.lock"
     start = time.perf_counter()
-    pending, active, results = plan(args), [], {}
+    pending, active, results, not_run = plan(args), [], {}, {}
+
+    def write(quiet=True):
+        report(args, results, data_stats, command, time.perf_counter() - start, quiet=quiet, not_run=not_run)
+
     while pending or active:
         while pending and len(active) < args.parallel and time.perf_counter() - start < args.timeout:
             run = pending.pop(0)
-            active.append((run, launch(run, args, data, lock, runs_dir)))
+            why = not_runnable(run, args)
+            if why:
+                not_run[run["name"]] = why
+                print(f"{run['name']}: not run: {why}", flush=True)
+            else:
+                active.append((run, launch(run, args, data, lock, runs_dir)))
         if not active:
-            print(f"time budget spent: skipped {[r['name'] for r in pending]}", flush=True)
             break
         time.sleep(0.5)
         for run, proc in list(active):
@@ -350,16 +396,22 @@ def main(argv=None) -> None:
                     r = results[run["name"]]
                     print(f"{run['name']}: {r['tokens_per_s']:,.0f} tokens/s, {r['peak_gib']:.2f} GiB, "
                           f"gpu {r['gpu_s']:.0f} s", flush=True)
-                    report(args, results, data_stats, command, time.perf_counter() - start, quiet=True)
                 else:
+                    not_run[run["name"]] = (f"failed (rc {proc.returncode}): {failure(runs_dir / (run['name'] + '.log'))}"
+                                            f" (runs/{run['name']}.log)")
                     print(f"{run['name']}: FAILED (rc {proc.returncode}), see runs/{run['name']}.log", flush=True)
+                write()
         if time.perf_counter() - start > args.timeout + 60:
             for run, proc in active:
                 proc.kill()
+                not_run[run["name"]] = f"killed at the call's time limit (--timeout {args.timeout:.0f} s + 60 s)"
                 print(f"{run['name']}: killed at the time limit", flush=True)
             break
-    report(args, results, data_stats, command, time.perf_counter() - start)
-
+    if pending:
+        print(f"time budget spent: skipped {[r['name'] for r in pending]}", flush=True)
+        not_run.update({r["name"]: f"not started: the call's time budget (--timeout {args.timeout:.0f} s) was spent"
+                        for r in pending})
+    write(quiet=False)
 
 if __name__ == "__main__":
     main()

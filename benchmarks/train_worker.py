@@ -12,7 +12,9 @@ the GPU), every step's time and loss, the attention backends used.
 Systems: `trl_stock` (TRL SFTTrainer + PEFT, stock Phi-3, sdpa), `trl_liger` (same + use_liger_kernel),
 `trl_liger_fa4` (TRL + PEFT + Liger + padding-free packing on the best attention transformers can load here:
 flash_attention_4 > _3 > _2 > sdpa, the choice and why the others could not load recorded in the result), `so8t_hf`
-(the recipe yaml through so8t_hf's pipeline builders and SO8TTrainer). Workload: batch x max_length, LoRA or QLoRA.
+(the recipe yaml through so8t_hf's pipeline builders and SO8TTrainer), `unsloth` (Unsloth's FastLanguageModel +
+get_peft_model and TRL's SFTTrainer as its notebooks run them: dropout 0, its own offloaded checkpointing, padding-free
+packing; its pins need their own site, `bench_train.py --unsloth_site`). Workload: batch x max_length, LoRA or QLoRA.
 """
 
 from __future__ import annotations
@@ -96,6 +98,49 @@ def build_trl(a, rows, out_dir):
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
 
     return (None if a.qlora else load()), load, trainer
+
+
+def build_unsloth(a, rows, out_dir):
+    """(None, loader, builder(model) -> trainer) for Unsloth: it loads straight onto the GPU (device_map), so the
+    model is built under the GPU lock, as QLoRA's is."""
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no download at import (the device is offline)
+    import unsloth  # noqa: F401  (first: it patches transformers, peft and trl as it imports)
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    a.versions = _versions("unsloth", "unsloth_zoo", "transformers", "trl", "peft", "datasets", "bitsandbytes")
+    dataset = Dataset.from_list(rows)
+    args = SFTConfig(**_common_args(a, out_dir))  # packing="bfd" (TRL's default) is padding-free where Unsloth keeps it
+    loaded = {}
+
+    def load():
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=a.checkpoint, max_seq_length=a.max_length, dtype=torch.bfloat16, load_in_4bit=a.qlora,
+            local_files_only=True)
+        loaded["tokenizer"] = tokenizer
+        a.attn_implementation = getattr(model.config, "_attn_implementation", "?")
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                                target_modules=LORA_TARGETS, use_gradient_checkpointing="unsloth",
+                                                random_state=0)
+
+    def trainer(model):
+        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=loaded["tokenizer"])
+
+    return None, load, trainer
+
+
+def _versions(*names) -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = None
+    return out
 
 
 def build_so8t(a, data_dir, out_dir):
@@ -351,7 +396,7 @@ def _profile_summary(prof, steps: int, wall: float) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--name", required=True)
-    p.add_argument("--system", choices=["trl_stock", "trl_liger", "trl_liger_fa4", "so8t_hf"], required=True)
+    p.add_argument("--system", choices=["trl_stock", "trl_liger", "trl_liger_fa4", "so8t_hf", "unsloth"], required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="folder with rows.jsonl")
     p.add_argument("--batch", type=int, default=4)
@@ -380,8 +425,12 @@ def main(argv=None) -> None:
         fcntl.flock(quiet, fcntl.LOCK_SH)  # preparing: no timed steps of another run meanwhile
     rows = [json.loads(line) for line in open(Path(a.data) / "rows.jsonl")]
     t_prep = time.perf_counter()
-    model, load, make_trainer = (build_trl(a, rows, out_dir) if a.system.startswith("trl") else
-                                 build_so8t(a, Path(a.data), out_dir))
+    if a.system == "unsloth":
+        model, load, make_trainer = build_unsloth(a, rows, out_dir)
+    elif a.system.startswith("trl"):
+        model, load, make_trainer = build_trl(a, rows, out_dir)
+    else:
+        model, load, make_trainer = build_so8t(a, Path(a.data), out_dir)
     trainer = None
     if model is not None:  # LoRA: the trainer (PEFT wrapping, data packing) is built on the CPU too
         from unittest import mock
@@ -396,7 +445,7 @@ def main(argv=None) -> None:
     with open(a.lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the GPU is ours from here
         t_gpu = time.perf_counter()
-        if trainer is None:  # QLoRA: bitsandbytes quantises while loading onto the GPU
+        if trainer is None:  # QLoRA (bitsandbytes quantises while loading onto the GPU) and Unsloth
             trainer = make_trainer(load())
         else:
             trainer._move_model_to_device(trainer.model, trainer.args.device)
@@ -446,7 +495,8 @@ def main(argv=None) -> None:
             fused_lora=getattr(trainer, "fused_lora_counts", None),
             cuda_graphs=getattr(getattr(trainer, "cuda_graphs", None), "summary", None), warmup=a.warmup, timed_steps=len(timed_t),
             attn_implementation=getattr(a, "attn_implementation", "so8t"),
-            attn_unavailable=getattr(a, "attn_unavailable", {}),
+            attn_unavailable=getattr(a, "attn_unavailable", {}), versions=getattr(a, "versions", None),
+            packing_used=bool(getattr(trainer.args, "packing", False)),  # Unsloth may turn it off (and says why)
         )
         if timer.prof is not None:
             summary = _profile_summary(timer.prof, a.profile_steps, timer.prof_wall)

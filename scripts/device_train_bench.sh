@@ -6,6 +6,8 @@
 #   here:   ../shared/tools/device-wheels && cp -r ../shared/fixtures/phi35-tokenizer .fixtures/
 #   device: run(command="bash scripts/device_train_bench.sh", carry=[".whl", ".fixtures"])
 #   flash-attn 4: scripts/fetch_fa4.sh (carry .whl_fa4 too, after scripts/device_stage_fa4.sh on the same warm machine)
+#   unsloth: scripts/fetch_unsloth.sh (carry .stash_unsloth and .whl: Unsloth imports bitsandbytes; the checkpoint
+#           kept from device_stage_fa4.sh spares .fixtures, so .whl + .whl_fa4 + .stash_unsloth fit in 64 MiB)
 #   knobs:  WHL, FIXTURES (folders), TEST_TIMEOUT_KERNELS (0 skips; KERNEL_TESTS: their paths), TEST_TIMEOUT, BENCH_TIMEOUT (s), BENCH_ARGS (bench flags),
 #           TEST_FILES (GPU test paths instead of the default set), MEMORY_ARGS (bench flags of an extra pass with
 #           --memory_trace: what is live at each run's peak), MEMORY_TIMEOUT (s), OPS_BENCH=1 (benchmarks/bench_packed_ops.py
@@ -22,6 +24,12 @@ if [ -d .whl_fa4 ] && [ -d /dev/shm/site_fa4 ]; then  # flash-attn 4, staged by 
   for w in .whl_fa4/*.whl; do python3 -m zipfile -e "$w" /dev/shm/site_fa4 || exit 1; done
   export PYTHONPATH=$PYTHONPATH:/dev/shm/site_fa4:/dev/shm/site_fa4/nvidia_cutlass_dsl/dsl_packages
 elif [ -d .whl_fa4 ]; then echo "flash-attn 4: .whl_fa4 carried but /dev/shm/site_fa4 not staged (machine not warm?)"; fi
+if [ -f .stash_unsloth/unsloth-site.tar.xz ]; then  # Unsloth's pinned stack (scripts/fetch_unsloth.sh), for its runs only
+  rm -rf /dev/shm/site_unsloth && mkdir -p /dev/shm/site_unsloth && xz -dc .stash_unsloth/unsloth-site.tar.xz | tar xf - -C /dev/shm/site_unsloth || exit 1
+  PYTHONPATH=/dev/shm/site_unsloth:$PYTHONPATH UNSLOTH_DISABLE_STATISTICS=1 timeout 120 python3 -c \
+    "import unsloth, trl, transformers; print('unsloth', unsloth.__version__, 'trl', trl.__version__, 'transformers', transformers.__version__)" \
+    > "$OUT/unsloth_import.log" 2>&1; tail -3 "$OUT/unsloth_import.log"
+fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
   python3 -c "import torch, transformers, triton, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
   python3 -c "from so8t_hf.integrations.flash_backends import flash_build_status as s; from transformers.utils import is_flash_attn_4_available as a; print('flash_attn_4:', s('flash_attn_4'), '| transformers is_flash_attn_4_available:', a())"
