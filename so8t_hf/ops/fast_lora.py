@@ -5,8 +5,8 @@
 Forward: W comes from `weight_fn()` (a frozen bf16 weight, or a 4-bit weight dequantised into a reused buffer),
 one cuBLAS matmul gives `x @ W^T`, and the adapter lands on it with an in-place `addmm_` (no separate mul / add
 kernels, no second activation-sized tensor). Backward recomputes `W = weight_fn()` (nothing weight-sized is saved)
-and gives dx = dy @ W + (s dy @ B) @ A, dA = (s dy @ B)^T @ x, dB = s dy^T @ (x @ A^T). x and x @ A^T (N x r) are
-saved. Everything runs in the autocast dtype when autocast is on (else x's dtype); the adapter gradients are returned
+and gives dx = dy @ W + (s dy @ B) @ A, dA = (s dy @ B)^T @ x, dB = s dy^T @ (x @ A^T), s riding on the matmuls as
+cuBLAS's alpha. x, x @ A^T (N x r) and the adapters in the compute dtype (cast once in forward) are saved. Everything runs in the autocast dtype when autocast is on (else x's dtype); the adapter gradients are returned
 in the adapters' dtype (fp32 adapters stay fp32).
 
 Recompute (`output_unused_in_recompute`): while activation checkpointing recomputes a layer for its backward, a
@@ -68,35 +68,39 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)  # (N, in)
         with torch.autocast(x.device.type, enabled=False):
-            xa = x2 @ lora_a.to(dtype).t()  # (N, r)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)  # cast once: backward reuses them
+            xa = x2 @ a.t()  # (N, r)
             if output_unused_in_recompute and recomputing():
                 out = x2.new_empty(x2.shape[0], lora_b.shape[0])  # nothing reads it (see the module docstring)
             else:
                 out = x2 @ weight_fn().to(dtype).t()  # (N, out)
-                out.addmm_(xa, lora_b.to(dtype).t(), alpha=scale)
+                out.addmm_(xa, b.t(), alpha=scale)
                 if bias is not None:
                     out += bias.to(dtype)
-        ctx.save_for_backward(x2, xa, lora_a, lora_b)
+        ctx.save_for_backward(x2, xa, a, b)
         ctx.weight_fn, ctx.scale, ctx.dtype, ctx.in_shape, ctx.x_dtype = weight_fn, scale, dtype, shape, x.dtype
+        ctx.adapter_dtypes = lora_a.dtype, lora_b.dtype
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, lora_a, lora_b = ctx.saved_tensors
+        x2, xa, a, b = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (N, out)
         with torch.autocast(dy.device.type, enabled=False):
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            d_xa = (dy @ b).mul_(scale)  # (N, r)
-            grad_b = (dy.t() @ xa).mul_(scale) if ctx.needs_input_grad[3] else None  # (out, r)
+            # the scale rides on the matmul (alpha, beta=0: the 0-d input is never read): no separate mul kernel
+            unused = dy.new_empty(())
+            d_xa = torch.addmm(unused, dy, b, beta=0, alpha=scale)  # (N, r)
+            grad_b = torch.addmm(unused, dy.t(), xa, beta=0, alpha=scale) if ctx.needs_input_grad[3] else None
             grad_a = d_xa.t() @ x2 if ctx.needs_input_grad[2] else None  # (r, in)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = dy @ ctx.weight_fn().to(dtype)  # (N, in)
                 grad_x.addmm_(d_xa, a)
                 grad_x = grad_x.view(ctx.in_shape).to(ctx.x_dtype)
-        return (grad_x, None, grad_a.to(lora_a.dtype) if grad_a is not None else None,
-                grad_b.to(lora_b.dtype) if grad_b is not None else None, None, None, None)
+        a_dtype, b_dtype = ctx.adapter_dtypes
+        return (grad_x, None, grad_a.to(a_dtype) if grad_a is not None else None,
+                grad_b.to(b_dtype) if grad_b is not None else None, None, None, None)
 
 
 def recomputing() -> bool:

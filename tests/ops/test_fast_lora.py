@@ -60,3 +60,33 @@ def test_bf16_autocast_meets_the_tolerance_rule_and_keeps_fp32_adapter_grads():
     assert err_fused <= 2 * err_plain + 1e-6, (err_fused, err_plain)
     fused.float().sum().backward()
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_backward_launches_no_scale_or_recast_kernels():
+    """The scale rides on the matmuls (alpha) and backward reuses forward's bf16 adapter casts: the only elementwise
+    ops left in backward are the upcasts of the fp32 gradients (dA, dB and dx)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, w, a, b, _ = _inputs(n=16, fan_in=32, fan_out=24, r=4, dtype=torch.float32, seed=2)
+    w16 = w.bfloat16()  # the frozen bf16 base
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(x, lambda: w16, a, b, 0.5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    with Ops() as ops:
+        out.backward(grad)
+    assert not [n for n in ops.names if n.startswith("mul")], ops.names
+    assert ops.names.count("_to_copy") == 3, ops.names
+    assert a.grad.dtype == b.grad.dtype == x.grad.dtype == torch.float32
+    xd, ad, bd = (t.detach().double().requires_grad_() for t in (x, a, b))
+    lora_linear_reference(xd, w16.double(), ad, bd, 0.5).backward(grad.double())
+    for got, want in ((x.grad, xd.grad), (a.grad, ad.grad), (b.grad, bd.grad)):
+        assert (got.double() - want).norm() <= 0.01 * want.norm()  # bf16 matmuls against a float64 reference
