@@ -41,6 +41,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from package_versions import package_versions  # noqa: E402
+
 OIB = ["--optimizer_in_backward", "true", "--gradient_accumulation_steps", "1", "--max_grad_norm", "0"]
 AFTER_BACKWARD = ["--optimizer_in_backward", "false", "--max_grad_norm", "1.0"]  # one optimizer step, clipping
 ACC16 = [*AFTER_BACKWARD, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "16"]
@@ -68,15 +72,8 @@ BASELINE = ("transformers.Trainer + Phi3ForCausalLM + sdpa + fused fp32 AdamW, f
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "transformers", "trl", "accelerate", "bitsandbytes", "liger-kernel", "triton", "datasets"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+    return package_versions("torch", "transformers", "trl", "accelerate", "bitsandbytes", "liger-kernel", "triton",
+                            "datasets")
 
 
 def device() -> str:

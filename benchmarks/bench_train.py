@@ -1,6 +1,7 @@
 """End-to-end training speed: TRL + PEFT stock, the strongest stock stack that runs here (TRL + PEFT + Liger +
 padding-free on transformers' best loadable attention: `trl_liger_fa4`), Unsloth (on its own pinned site, where
-staged: `--unsloth_site`; else recorded as not run, with why) and the so8t_hf recipe, same data and settings, for LoRA 4 x 2048, QLoRA NF4 1 x 2048 and LoRA 1 x 8192; then each workload's ladder of our recipe (each
+staged: `--unsloth_site`; else recorded as not run, with why) and the so8t_hf recipe, same data and settings, for
+LoRA 4 x 2048, QLoRA NF4 1 x 2048 and LoRA 1 x 8192; then each workload's ladder of our recipe (each
 optimisation switched on in turn; `--only ladder` or a rung's name). One process per run (`train_worker.py`); three run at a time, the others preparing on the CPU (data, model,
 trainer) while one holds the GPU (a file lock), so only one ever uses the GPU; no run prepares during another's
 timed steps (a second lock), so those steps run on a quiet host.
@@ -29,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from package_versions import package_versions  # noqa: E402
 from reasoning_rows import make_rows  # noqa: E402
 
 WORKLOADS = {"lora_4x2048": (4, 2048, False), "qlora_1x2048": (1, 2048, True), "lora_1x8192": (1, 8192, False)}
@@ -169,16 +171,9 @@ def launch(run: dict, args, data: Path, lock: Path, out: Path):
 
 
 def versions() -> str:
-    import importlib.metadata as md
-
-    names = ["torch", "transformers", "peft", "trl", "accelerate", "triton", "liger-kernel", "bitsandbytes", "datasets"]
-    out = []
-    for n in names:
-        try:
-            out.append(f"{n} {md.version(n)}")
-        except md.PackageNotFoundError:
-            out.append(f"{n} -")
-    return ", ".join(out)
+    found = package_versions("torch", "transformers", "peft", "trl", "accelerate", "triton", "liger-kernel",
+                             "bitsandbytes", "datasets")
+    return ", ".join(f"{n} {v or '-'}" for n, v in found.items())
 
 
 def device_name() -> str:
@@ -348,7 +343,8 @@ def main(argv=None) -> None:
                    help="extra runs of our recipe, e.g. lora_1x8192:workers:dataloader_num_workers=2 (named "
                         "try_<workload>.<label>, --ladder_steps steps, profiled, reported apart from the tables)")
     p.add_argument("--unsloth_site", default=os.environ.get("UNSLOTH_SITE", "/dev/shm/site_unsloth"),
-                   help="folder with Unsloth and its pinned stack (scripts/device_stage_unsloth.sh), put first on the "
+                   help="folder with Unsloth and its pinned stack (packed by scripts/fetch_unsloth.sh, unpacked by "
+                        "scripts/device_train_bench.sh), put first on the "
                         "unsloth runs' PYTHONPATH; where it is missing those runs are recorded as not run, with why")
     p.add_argument("--memory_trace", action="store_true", help="record every run's CUDA allocations and write what is "
                    "live at its peak (runs/<name>.memory.txt); recording slows the steps, so its speeds are not results")
@@ -412,6 +408,7 @@ def main(argv=None) -> None:
         not_run.update({r["name"]: f"not started: the call's time budget (--timeout {args.timeout:.0f} s) was spent"
                         for r in pending})
     write(quiet=False)
+
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,8 @@ import statistics
 import time
 from pathlib import Path
 
+from package_versions import package_versions  # benchmarks/, the worker's own folder
+
 logger = logging.getLogger("train_worker")
 LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
@@ -110,7 +112,7 @@ def build_unsloth(a, rows, out_dir):
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
 
-    a.versions = _versions("unsloth", "unsloth_zoo", "transformers", "trl", "peft", "datasets", "bitsandbytes")
+    a.versions = package_versions("unsloth", "unsloth_zoo", "transformers", "trl", "peft", "datasets", "bitsandbytes")
     dataset = Dataset.from_list(rows)
     args = SFTConfig(**_common_args(a, out_dir))  # packing="bfd" (TRL's default) is padding-free where Unsloth keeps it
     loaded = {}
@@ -129,18 +131,6 @@ def build_unsloth(a, rows, out_dir):
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=loaded["tokenizer"])
 
     return None, load, trainer
-
-
-def _versions(*names) -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for n in names:
-        try:
-            out[n] = md.version(n)
-        except md.PackageNotFoundError:
-            out[n] = None
-    return out
 
 
 def build_so8t(a, data_dir, out_dir):

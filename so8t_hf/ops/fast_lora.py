@@ -6,8 +6,9 @@ Forward: W comes from `weight_fn()` (a frozen bf16 weight, or a 4-bit weight deq
 one cuBLAS matmul gives `x @ W^T`, and the adapter lands on it with an in-place `addmm_` (no separate mul / add
 kernels, no second activation-sized tensor). Backward recomputes `W = weight_fn()` (nothing weight-sized is saved)
 and gives dx = dy @ W + (s dy @ B) @ A, dA = (s dy @ B)^T @ x, dB = s dy^T @ (x @ A^T), s riding on the matmuls as
-cuBLAS's alpha. x, x @ A^T (N x r) and the adapters in the compute dtype (cast once in forward) are saved. Everything runs in the autocast dtype when autocast is on (else x's dtype); the adapter gradients are returned
-in the adapters' dtype (fp32 adapters stay fp32).
+cuBLAS's alpha. x, x @ A^T (N x r) and the adapters in the compute dtype (cast once in forward) are saved.
+Everything runs in the autocast dtype when autocast is on (else x's dtype); the adapter gradients are returned in the
+adapters' dtype (fp32 adapters stay fp32).
 
 Recompute (`output_unused_in_recompute`): while activation checkpointing recomputes a layer for its backward, a
 linear whose output that backward never reads (a Phi-3 decoder layer's `mlp.down_proj`: only the residual add, the
